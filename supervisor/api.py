@@ -1,0 +1,259 @@
+"""The HTTP surface: OpenAI routes, health and status, metrics, and the admin API."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .balancer import prefix_keys, priority_of
+from .config import ServerConfig
+from .daemon import Supervisor
+from .metrics import Metrics
+from .modelfile import request_defaults
+from .proxy import Proxy, json_error, parse_json_object
+
+logger = logging.getLogger(__name__)
+
+Reloader = Callable[[], Awaitable[dict[str, Any]]]
+
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+PROXY = web.AppKey("proxy", Proxy)
+SERVER = web.AppKey("server", ServerConfig)
+METRICS = web.AppKey("metrics", Metrics)
+RELOAD = web.AppKey[Reloader]("reload")
+ACTIVE = web.AppKey[list[int]]("active")
+
+PRIORITY_HEADER = "X-Priority"
+ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "text",
+    "/v1/embeddings": "embeddings",
+}
+REQUIRED = {"chat": "messages", "text": "prompt", "embeddings": "input"}
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.headers.get("X-Api-Key")
+
+
+def _matches(token: str | None, secrets: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every secret (no early exit)."""
+    if token is None:
+        return False
+    ok = False
+    for secret in secrets:
+        ok |= hmac.compare_digest(token.encode(), secret.encode())
+    return ok
+
+
+def _on_unix_socket(request: web.Request) -> bool:
+    return isinstance(request.transport.get_extra_info("sockname") if request.transport
+                      else None, str)
+
+
+@web.middleware
+async def guard(request: web.Request,
+                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                ) -> web.StreamResponse:
+    """Auth, the connection limit, and OpenAI-shaped errors for everything."""
+    server = request.app[SERVER]
+    path = request.path
+    admin = (server.admin_token,) if server.admin_token else ()
+    if path.startswith("/admin/"):
+        if not _on_unix_socket(request):
+            if not admin:
+                return json_error(403, "the admin API is disabled: set server.admin_token "
+                                       "or use server.admin_socket")
+            if not _matches(_bearer(request), admin):
+                return json_error(401, "invalid or missing admin token")
+    elif server.api_keys and (path.startswith("/v1/") or path in ("/status", "/metrics")):
+        if not _matches(_bearer(request), server.api_keys + admin):
+            return json_error(401, "invalid or missing API key", code="invalid_api_key")
+    active = request.app[ACTIVE]
+    if active[0] >= server.max_connections:
+        return json_error(503, "too many concurrent requests", code="overloaded")
+    active[0] += 1
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) \
+            else exc.reason
+        return json_error(exc.status, message or exc.reason)
+    finally:
+        active[0] -= 1
+
+
+async def models(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    created = int(time.time() - (time.monotonic() - sup.started_at))
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "llm-supervisor",
+             "ready_replicas": sum(1 for r in pool.replicas if r.accepts())}
+            for name, pool in sup.pools.items()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def model(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    name = request.match_info["name"]
+    if name not in sup.pools:
+        return _unknown_model(sup, name)
+    return web.json_response({"id": name, "object": "model", "owned_by": "llm-supervisor"})
+
+
+def _unknown_model(sup: Supervisor, name: str) -> web.Response:
+    served = ", ".join(sorted(sup.pools)) or "none"
+    return json_error(404, f"model {name!r} is not served here; served models: {served}",
+                      code="model_not_found")
+
+
+def _with_defaults(sup: Supervisor, name: str, kind: str, body: dict[str, Any]) -> None:
+    """Fill what the request leaves out from the model's Modelfile (PARAMETER, SYSTEM)."""
+    mf = sup.prepared.modelfiles.get(name)
+    if mf is None or kind == "embeddings":
+        return
+    for key, value in request_defaults(mf).items():
+        body.setdefault(key, value)
+    if kind == "chat":
+        messages = body["messages"]
+        prefix: list[dict[str, Any]] = []
+        if mf.system and not any(m.get("role") == "system" for m in messages):
+            prefix.append({"role": "system", "content": mf.system})
+        prefix += [{"role": role, "content": content} for role, content in mf.messages]
+        if prefix:
+            body["messages"] = prefix + messages
+
+
+def _validate(kind: str, body: dict[str, Any]) -> str | None:
+    field = REQUIRED[kind]
+    value = body.get(field)
+    if value is None:
+        return f"missing required parameter: {field!r}"
+    if kind == "chat":
+        if not isinstance(value, list) or not value:
+            return "'messages' must be a non-empty array"
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                return f"'messages[{i}]' must be an object with a string 'role'"
+    elif not isinstance(value, str | list):
+        return f"{field!r} must be a string or an array"
+    if "stream" in body and not isinstance(body["stream"], bool):
+        return "'stream' must be a boolean"
+    return None
+
+
+async def completion(request: web.Request) -> web.StreamResponse:
+    """Chat, text completion and embeddings: validate, route by model, relay."""
+    sup = request.app[SUPERVISOR]
+    if sup.draining:
+        return json_error(503, "the server is shutting down", code="shutting_down")
+    kind = ROUTES[request.path if request.path in ROUTES else "/v1" + request.path]
+    try:
+        body = parse_json_object(await request.read())
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        return json_error(400, "you must provide a 'model' parameter (a string)", code=None)
+    pool = sup.pools.get(name)
+    if pool is None:
+        return _unknown_model(sup, name)
+    problem = _validate(kind, body)
+    if problem is not None:
+        return json_error(400, problem, code="invalid_request")
+    if request.app[SERVER].log_prompts:
+        logger.info("request for %s: %s", name, body)
+    _with_defaults(sup, name, kind, body)
+    keys = prefix_keys(body) if kind != "embeddings" else []
+    priority = priority_of(request.headers.get(PRIORITY_HEADER))
+    path = "/v1/chat/completions" if kind == "chat" else (
+        "/v1/completions" if kind == "text" else "/v1/embeddings")
+    return await request.app[PROXY].forward(request, pool, body, path, kind, priority, keys)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    if sup.ready() and not sup.draining:
+        return web.json_response({"status": "ready"})
+    missing = [name for name, pool in sup.pools.items()
+               if not any(r.accepts() for r in pool.replicas)]
+    return web.json_response({"status": "not ready", "models_without_ready_replica": missing},
+                             status=503)
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SUPERVISOR].status())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    try:
+        diff = await request.app[RELOAD]()
+    except Exception as exc:  # a bad config is refused; the running one stays
+        return json_error(400, f"reload refused, the running config stays: {exc}",
+                          code="reload_failed")
+    return web.json_response({"status": "reloaded", **diff})
+
+
+def _replica_id(request: web.Request) -> str:
+    return request.match_info["id"].replace(":", "/")
+
+
+async def admin_restart(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    rid = _replica_id(request)
+    if rid not in sup.replicas:
+        return json_error(404, f"no replica {rid!r}; replicas: {', '.join(sup.replicas)}")
+    await sup.restart_replica(rid)
+    return web.json_response({"status": "restarting", "replica": rid})
+
+
+async def admin_drain(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    rid = _replica_id(request)
+    if rid not in sup.replicas:
+        return json_error(404, f"no replica {rid!r}; replicas: {', '.join(sup.replicas)}")
+    await sup.drain_replica(rid)
+    return web.json_response({"status": "drained", "replica": rid})
+
+
+def build_app(sup: Supervisor, proxy: Proxy, server: ServerConfig, metrics_: Metrics,
+              reload: Reloader) -> web.Application:
+    """The aiohttp application with every route; lifecycle is the caller's."""
+    app = web.Application(middlewares=[guard], client_max_size=server.max_body_bytes)
+    app[SUPERVISOR] = sup
+    app[PROXY] = proxy
+    app[SERVER] = server
+    app[METRICS] = metrics_
+    app[RELOAD] = reload
+    app[ACTIVE] = [0]
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{name}", model)
+    for path in ROUTES:
+        app.router.add_post(path, completion)
+        app.router.add_post(path.removeprefix("/v1"), completion)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/reload", admin_reload)
+    app.router.add_post("/admin/replicas/{id}/restart", admin_restart)
+    app.router.add_post("/admin/replicas/{id}/drain", admin_drain)
+    return app

@@ -1,0 +1,259 @@
+"""The hot path: hold a slot, relay one request to a replica, fail over before the first byte."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .openai_compat import Aggregator, SSEParser, Usage, error_body, error_event, usage_from_tail
+from .pool import Lease, ModelPool, NoReplica, QueueFull, QueueTimeout
+
+logger = logging.getLogger(__name__)
+
+TAIL_BYTES = 8192
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+
+
+class Retry(Exception):
+    """The replica failed before the client got a byte; another may serve it."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Outcome:
+    """What one relayed request did, for accounting."""
+
+    status: int
+    usage: Usage | None
+    ttft: float | None
+
+
+Observer = Callable[[str, str, int, float, "float | None", "Usage | None"], None]
+
+
+def json_error(status: int, message: str, *, code: str | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(status, message, code=code), status=status,
+                             headers=headers)
+
+
+class Proxy:
+    """Relays requests for every model over one keep-alive client session."""
+
+    def __init__(self, session: aiohttp.ClientSession, observe: Observer | None = None) -> None:
+        self.session = session
+        self.observe = observe
+
+    async def forward(self, request: web.Request, pool: ModelPool, body: dict[str, Any],
+                      path: str, kind: str, priority: int, keys: list[str]) -> web.StreamResponse:
+        """Serve one request: acquire, relay, retry once elsewhere on an early failure."""
+        started = time.monotonic()
+        exclude: frozenset[str] = frozenset()
+        pool.requests += 1
+        last: Retry | None = None
+        for attempt in range(2):
+            try:
+                lease = await pool.acquire(keys, priority, exclude)
+            except QueueFull:
+                return self._done(pool, path, started, json_error(
+                    429, f"too many requests queued for model {pool.model.name!r}; retry later",
+                    code="queue_full", headers={"Retry-After": "1"}))
+            except QueueTimeout:
+                return self._done(pool, path, started, json_error(
+                    503, f"no free slot for model {pool.model.name!r} within "
+                         f"{pool.model.queue_timeout:g}s", code="queue_timeout"))
+            except NoReplica:
+                if attempt and exclude:
+                    exclude = frozenset()
+                    try:
+                        lease = await pool.acquire(keys, priority, exclude)
+                    except (QueueFull, QueueTimeout, NoReplica):
+                        break
+                else:
+                    return self._done(pool, path, started, json_error(
+                        503, f"model {pool.model.name!r} has no replica able to serve",
+                        code="no_replica"))
+            served = False
+            try:
+                response, outcome = await self._relay(request, lease, body, path, kind)
+                served = outcome.status < 500
+                self._account(pool, lease, path, started, outcome)
+                return response
+            except Retry as exc:
+                last = exc
+                logger.warning("failed over from %s: %s", lease.replica.id, exc)
+                exclude = frozenset({lease.replica.id})
+            finally:
+                lease.release(served=served)
+        message = f"upstream failed: {last}" if last else "no replica able to serve"
+        return self._done(pool, path, started, json_error(
+            last.status if last else 503, message, code="upstream_failed"))
+
+    def _done(self, pool: ModelPool, path: str, started: float,
+              response: web.Response) -> web.Response:
+        if response.status >= 500:
+            pool.errors += 1
+        if self.observe is not None:
+            self.observe(pool.model.name, path, response.status,
+                         time.monotonic() - started, None, None)
+        return response
+
+    def _account(self, pool: ModelPool, lease: Lease, path: str, started: float,
+                 outcome: Outcome) -> None:
+        if outcome.status >= 500:
+            pool.errors += 1
+        usage = outcome.usage
+        if usage is not None:
+            pool.tokens["prompt"] += usage.prompt
+            pool.tokens["completion"] += usage.completion
+            pool.tokens["cached"] += usage.cached
+            lease.replica.note_tokens(usage.completion)
+        if self.observe is not None:
+            self.observe(pool.model.name, path, outcome.status,
+                         time.monotonic() - started, outcome.ttft, usage)
+
+    async def _relay(self, request: web.Request, lease: Lease, body: dict[str, Any],
+                     path: str, kind: str) -> tuple[web.StreamResponse, Outcome]:
+        replica = lease.replica
+        model = replica.model
+        client_stream = bool(body.get("stream")) and kind in ("chat", "text")
+        upstream = dict(body)
+        upstream["model"] = replica.backend.upstream_model(model)
+        streamed = kind in ("chat", "text") and replica.launch is not None \
+            and replica.launch.stream_upstream
+        if streamed:
+            upstream["stream"] = True
+            if not client_stream:
+                upstream["stream_options"] = {"include_usage": True}
+        url = replica.base_url + path
+        stall = model.stall_timeout
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            # The first byte may wait for prompt processing: allow twice the stall time.
+            async with asyncio.timeout(stall * 2):
+                up = await self.session.post(url, json=upstream)
+        except TimeoutError:
+            replica.report_hang("stall", f"no response from the engine in {stall * 2:g}s")
+            raise Retry(f"{replica.id} stalled: no response in {stall * 2:g}s", 504) from None
+        except aiohttp.ClientError as exc:
+            raise Retry(f"{replica.id}: {exc.__class__.__name__}: {exc}") from None
+        try:
+            if up.status >= 500:
+                text = (await _read_all(up, stall * 2))[:300].decode("utf-8", "replace")
+                raise Retry(f"{replica.id} answered {up.status}: {text}")
+            if up.status != 200 or not streamed:
+                data = await _read_all(up, max(stall * 3, 60.0))
+                return self._plain(up, data), Outcome(up.status, None, None)
+            if client_stream:
+                return await self._stream(request, lease, up, stall, t0)
+            return await self._aggregate(up, kind, stall, t0, lease)
+        except TimeoutError:
+            replica.report_hang("stall", f"no byte from the engine for {stall:g}s")
+            raise Retry(f"{replica.id} stalled: no byte for {stall:g}s", 504) from None
+        except aiohttp.ClientError as exc:
+            raise Retry(f"{replica.id}: {exc.__class__.__name__}: {exc}") from None
+        finally:
+            if up.content.at_eof():
+                up.release()
+            else:
+                up.close()  # the engine sees the disconnect and frees the slot
+
+    @staticmethod
+    def _plain(up: aiohttp.ClientResponse, data: bytes) -> web.Response:
+        return web.Response(body=data, status=up.status,
+                            content_type=up.content_type or "application/json")
+
+    async def _aggregate(self, up: aiohttp.ClientResponse, kind: str, stall: float,
+                         t0: float, lease: Lease) -> tuple[web.StreamResponse, Outcome]:
+        replica_id = lease.replica.id
+        loop = asyncio.get_running_loop()
+        parser = SSEParser()
+        agg = Aggregator(kind)
+        ttft: float | None = None
+        while data := await _read_chunk(up, stall if ttft is not None else stall * 2):
+            if ttft is None:
+                ttft = loop.time() - t0
+            for payload in parser.feed(data):
+                agg.add(payload)
+        if agg.error is not None:
+            status = int(agg.error.get("error", {}).get("code") or 500)
+            if status >= 500:
+                raise Retry(f"{replica_id} sent an error: {agg.error}")
+            return web.json_response(agg.error, status=status), Outcome(status, None, ttft)
+        if not agg.done:
+            raise Retry(f"{replica_id} cut the stream before the end")
+        return web.json_response(agg.result()), Outcome(200, agg.usage, ttft)
+
+    async def _stream(self, request: web.Request, lease: Lease, up: aiohttp.ClientResponse,
+                      stall: float, t0: float) -> tuple[web.StreamResponse, Outcome]:
+        replica = lease.replica
+        loop = asyncio.get_running_loop()
+        first = await _read_chunk(up, stall * 2)
+        if not first:
+            raise Retry(f"{replica.id} closed the stream before the first byte")
+        ttft = loop.time() - t0
+        resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        await resp.prepare(request)
+        await resp.write(first)
+        tail = first[-TAIL_BYTES:]
+        try:
+            while data := await _read_chunk(up, stall):
+                await resp.write(data)
+                tail = (tail + data)[-TAIL_BYTES:]
+        except TimeoutError:
+            replica.report_hang("stall", f"no byte from the engine for {stall:g}s")
+            await self._break(resp, f"{replica.id} stalled mid-stream")
+            return resp, Outcome(504, None, ttft)
+        except aiohttp.ClientError as exc:
+            await self._break(resp, f"{replica.id} failed mid-stream: {exc.__class__.__name__}")
+            return resp, Outcome(502, None, ttft)
+        if not tail.rstrip().endswith(b"[DONE]"):
+            await self._break(resp, f"{replica.id} ended the stream early")
+            return resp, Outcome(502, usage_from_tail(tail), ttft)
+        await resp.write_eof()
+        return resp, Outcome(200, usage_from_tail(tail), ttft)
+
+    @staticmethod
+    async def _break(resp: web.StreamResponse, message: str) -> None:
+        """End a stream that is under way with an error event, never a silent hang."""
+        logger.warning("broke stream: %s", message)
+        try:
+            await resp.write(error_event(502, message))
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+
+
+async def _read_chunk(up: aiohttp.ClientResponse, timeout: float) -> bytes:
+    """The next bytes of the upstream body; TimeoutError after `timeout` of silence."""
+    async with asyncio.timeout(timeout):
+        return await up.content.readany()
+
+
+async def _read_all(up: aiohttp.ClientResponse, timeout: float) -> bytes:
+    async with asyncio.timeout(timeout):
+        return await up.read()
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or ValueError saying what is wrong."""
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    return body
