@@ -8,7 +8,9 @@ import ctypes
 import json
 import logging
 import os
+import shlex
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -115,6 +117,9 @@ class OsRunner:
     ) -> Child:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:  # noqa: ASYNC230 (a local append-open is instant)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"--- {stamp} spawning: {shlex.join(argv)}\n".encode())
+            log.flush()
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 env=dict(env),

@@ -14,6 +14,7 @@ from watchdog.observers import Observer
 logger = logging.getLogger(__name__)
 
 DEBOUNCE_S = 0.5
+WRITES = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
 
 class _Handler(FileSystemEventHandler):
@@ -21,6 +22,9 @@ class _Handler(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        # Reading a file (as a reload does) raises opened/closed_no_write: not a change.
+        if event.event_type not in WRITES:
+            return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             path = raw.decode() if isinstance(raw, bytes) else raw
             if path and Path(path).resolve() in self.watcher.files:
