@@ -19,6 +19,7 @@ from .daemon import Prepared, Supervisor, prepare
 from .events import Event, Events
 from .gpus import Inventory
 from .metrics import Metrics
+from .ollama_residency import OllamaResidency
 from .openai_compat import Usage
 from .probes import HttpProber
 from .process import OsRunner, PidRegistry
@@ -46,7 +47,7 @@ class Daemon:
         self.config_path = config_path
         self.inventory = inventory
         self.signals = Signals()
-        self.notifier = Notifier()
+        self.notifier = Notifier(unset_environment=True)
         self.events = Events()
         self.metrics = Metrics()
         self.sup: Supervisor | None = None
@@ -110,7 +111,10 @@ class Daemon:
             connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False)
         self.events.listen(self._on_event)
-        sup = Supervisor(prepared, OsRunner(registry), HttpProber(session), self.events)
+        residency = OllamaResidency(
+            session, load_timeout=max(m.load_timeout for m in self.config.models))
+        sup = Supervisor(prepared, OsRunner(registry), HttpProber(session), self.events,
+                         residency)
         self.sup = sup
         self.metrics.set_provider(sup.status)
         proxy = Proxy(session, self._observe)

@@ -18,6 +18,7 @@ from .estimate import Estimate, estimate_gguf
 from .events import Events
 from .gpus import Inventory, gpu_stats
 from .modelfile import Modelfile, load_modelfile
+from .ollama_residency import OllamaResidency
 from .placement import Plan, ReplicaPlan, format_plan, place
 from .pool import ModelPool
 from .probes import Prober
@@ -87,11 +88,13 @@ class Supervisor:
     """Owns every replica task and every model pool."""
 
     def __init__(self, prepared: Prepared, runner: Runner, prober: Prober,
-                 events: Events | None = None) -> None:
+                 events: Events | None = None,
+                 residency: OllamaResidency | None = None) -> None:
         self.prepared = prepared
         self.runner = runner
         self.prober = prober
         self.events = events or Events()
+        self.residency = residency
         self.pools: dict[str, ModelPool] = {}
         self.replicas: dict[str, Replica] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -109,23 +112,36 @@ class Supervisor:
 
     # ---- building --------------------------------------------------------------------
 
-    def _spec(self, prepared: Prepared, rp: ReplicaPlan, index: int) -> ReplicaSpec:
+    def _spec(self, prepared: Prepared, rp: ReplicaPlan, rid: str,
+              hosted: list[ReplicaPlan]) -> ReplicaSpec:
         model = prepared.config.model(rp.model)
+        others = tuple((prepared.config.model(h.model), prepared.modelfiles[h.model],
+                        prepared.paths[h.model]) for h in hosted)
         return ReplicaSpec(
-            id=f"{model.name}/{index}", model=model, modelfile=prepared.modelfiles[model.name],
+            id=rid, model=model, modelfile=prepared.modelfiles[model.name],
             model_path=prepared.paths[model.name], gpu_indexes=rp.gpu_indexes,
             gpu_uuids=rp.gpu_uuids, tensor_split=rp.tensor_split, cpu_set=rp.cpu_set,
-            threads=rp.threads)
+            threads=rp.threads, hosted=others)
 
-    def _new_replica(self, prepared: Prepared, rp: ReplicaPlan) -> Replica:
-        index = self._next_index.get(rp.model, 0)
-        self._next_index[rp.model] = index + 1
-        spec = self._spec(prepared, rp, index)
+    def _new_replica(self, prepared: Prepared, rp: ReplicaPlan,
+                     hosted: list[ReplicaPlan] | None = None) -> Replica:
+        """Create and start one replica; Ollama ones host every model in `hosted` too."""
+        key = "ollama" if hosted is not None else rp.model
+        index = self._next_index.get(key, 0)
+        self._next_index[key] = index + 1
+        spec = self._spec(prepared, rp, f"{key}/{index}", hosted or [])
         replica = Replica(spec, backend_for(spec.model.engine), self.runner, self.prober,
-                          prepared.config.server, self.events)
-        pool = self.pools[rp.model]
-        replica.listeners.append(lambda _r: pool.dispatch())
-        replica.listeners.append(lambda _r: self._changed())
+                          prepared.config.server, self.events, residency=self.residency)
+        pools = [self.pools[name] for name in spec.models]
+        for pool in pools:
+            pool.replicas.append(replica)
+
+        def on_change(_replica: Replica) -> None:
+            for pool in pools:
+                pool.dispatch()
+            self._changed()
+
+        replica.listeners.append(on_change)
         self.replicas[replica.id] = replica
         self._tasks[replica.id] = asyncio.get_running_loop().create_task(
             replica.run(), name=f"replica {replica.id}")
@@ -135,16 +151,40 @@ class Supervisor:
         for callback in self.on_change:
             callback()
 
+    @staticmethod
+    def _is_ollama(prepared: Prepared, name: str) -> bool:
+        return prepared.config.model(name).engine == "ollama"
+
     def _plans_for(self, prepared: Prepared, name: str) -> list[ReplicaPlan]:
         return [rp for rp in prepared.plan.replicas if rp.model == name]
+
+    @staticmethod
+    def _ollama_groups(prepared: Prepared) -> list[list[ReplicaPlan]]:
+        """One `ollama serve` per GPU set (per core set on a CPU-only host)."""
+        groups: dict[tuple[object, ...], list[ReplicaPlan]] = {}
+        for rp in prepared.plan.replicas:
+            if prepared.config.model(rp.model).engine != "ollama":
+                continue
+            key: tuple[object, ...] = rp.gpu_uuids or ("cpu", rp.index)
+            group = groups.setdefault(key, [])
+            if all(g.model != rp.model for g in group):
+                group.append(rp)
+        return list(groups.values())
+
+    def _start_ollama(self, prepared: Prepared) -> list[Replica]:
+        return [self._new_replica(prepared, group[0], group[1:])
+                for group in self._ollama_groups(prepared)]
 
     async def start(self) -> None:
         """Start every replica of every model; returns at once (READY comes later)."""
         for model in self.config.models:
-            pool = ModelPool(model)
-            self.pools[model.name] = pool
+            self.pools[model.name] = ModelPool(model)
+        for model in self.config.models:
+            if model.engine == "ollama":
+                continue
             for rp in self._plans_for(self.prepared, model.name):
-                pool.replicas.append(self._new_replica(self.prepared, rp))
+                self._new_replica(self.prepared, rp)
+        self._start_ollama(self.prepared)
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -194,10 +234,11 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.replicas.pop(replica.id, None)
-        pool = self.pools.get(replica.model.name)
-        if pool is not None and replica in pool.replicas:
-            pool.replicas.remove(replica)
-            pool.dispatch()
+        for name in replica.spec.models:
+            pool = self.pools.get(name)
+            if pool is not None and replica in pool.replicas:
+                pool.replicas.remove(replica)
+                pool.dispatch()
         self._changed()
 
     async def reload(self, new: Prepared) -> dict[str, list[str]]:
@@ -212,14 +253,22 @@ class Supervisor:
                              if old.fingerprint(n) != new.fingerprint(n))
             self.prepared = new
             for name in added:
-                pool = ModelPool(new.config.model(name))
-                self.pools[name] = pool
-                for rp in self._plans_for(new, name):
-                    pool.replicas.append(self._new_replica(new, rp))
+                self.pools[name] = ModelPool(new.config.model(name))
             for name in old_names & new_names:
                 self.pools[name].model = new.config.model(name)
+            for name in added:
+                if not self._is_ollama(new, name):
+                    for rp in self._plans_for(new, name):
+                        self._new_replica(new, rp)
             for name in changed:
-                await self._roll(name, new)
+                if not (self._is_ollama(old, name) or self._is_ollama(new, name)):
+                    await self._roll(name, new)
+            ollama_touched = any(
+                self._is_ollama(p, n) for p, names in ((new, added), (old, removed),
+                                                       (new, changed), (old, changed))
+                for n in names)
+            if ollama_touched:
+                await self._roll_ollama(new)
             for name in removed:
                 pool = self.pools[name]
                 await asyncio.gather(*(self._retire(r) for r in list(pool.replicas)))
@@ -231,6 +280,24 @@ class Supervisor:
             logger.info("reloaded: added %s, removed %s, changed %s", added, removed, changed)
             return diff
 
+    async def _roll_ollama(self, new: Prepared) -> None:
+        """Replace the shared Ollama processes: start the new set, wait READY, drain the old."""
+        old = [r for r in self.replicas.values() if r.spec.model.engine == "ollama"]
+        fresh = self._start_ollama(new)
+        for replica in fresh:
+            await self._await_ready(replica, replica.spec.model.load_timeout)
+        await asyncio.gather(*(self._retire(r) for r in old))
+
+    async def _await_ready(self, fresh: Replica, load_timeout: float) -> None:
+        try:
+            await fresh.wait_state(State.READY, State.FATAL, timeout=load_timeout * 2 + 30)
+        except TimeoutError:
+            pass
+        if fresh.state is not State.READY:
+            reason = fresh.reason
+            await self._retire(fresh, drain=False)
+            raise RuntimeError(f"{fresh.id} did not become ready: {reason}")
+
     async def _roll(self, name: str, new: Prepared) -> None:
         """Replace a model's replicas one at a time: start new, wait READY, drain old."""
         pool = self.pools[name]
@@ -239,15 +306,7 @@ class Supervisor:
         model = new.config.model(name)
         for i, rp in enumerate(plans):
             fresh = self._new_replica(new, rp)
-            pool.replicas.append(fresh)
-            try:
-                await fresh.wait_state(State.READY, State.FATAL,
-                                       timeout=model.load_timeout * 2 + 30)
-            except TimeoutError:
-                pass
-            if fresh.state is not State.READY:
-                await self._retire(fresh, drain=False)
-                raise RuntimeError(f"{fresh.id} did not become ready: {fresh.reason}")
+            await self._await_ready(fresh, model.load_timeout)
             if i < len(old_replicas):
                 await self._retire(old_replicas[i])
         for leftover in old_replicas[len(plans):]:

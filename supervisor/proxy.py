@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .backends.ollama import strip_reload_options
 from .openai_compat import Aggregator, SSEParser, Usage, error_body, error_event, usage_from_tail
 from .pool import Lease, ModelPool, NoReplica, QueueFull, QueueTimeout
 
@@ -129,7 +130,7 @@ class Proxy:
         replica = lease.replica
         model = replica.model
         client_stream = bool(body.get("stream")) and kind in ("chat", "text")
-        upstream = dict(body)
+        upstream = strip_reload_options(body) if model.engine == "ollama" else dict(body)
         upstream["model"] = replica.backend.upstream_model(model)
         streamed = kind in ("chat", "text") and replica.launch is not None \
             and replica.launch.stream_upstream

@@ -18,6 +18,7 @@ from .backends.base import Backend, Launch, LaunchRequest
 from .config import ModelConfig, ServerConfig
 from .events import Events
 from .modelfile import Modelfile
+from .ollama_residency import OllamaError, OllamaResidency, with_num_ctx
 from .probes import Prober
 from .process import Child, Runner, tail, terminate
 from .states import State, check_transition
@@ -97,6 +98,7 @@ class Replica:
         self, spec: ReplicaSpec, backend: Backend, runner: Runner, prober: Prober,
         server: ServerConfig, events: Events, *, clock: Clock | None = None,
         port_alloc: Callable[[], int] = free_port,
+        residency: OllamaResidency | None = None,
     ) -> None:
         self.spec = spec
         self.backend = backend
@@ -106,6 +108,8 @@ class Replica:
         self.events = events
         self.clock = clock or MonotonicClock()
         self.port_alloc = port_alloc
+        self.residency = residency if spec.model.engine == "ollama" else None
+        self.evictions = 0
         self.state = State.STOPPED
         self.launch: Launch | None = None
         self.child: Child | None = None
@@ -179,6 +183,7 @@ class Replica:
             "slots": self.slots,
             "tokens_per_s": round(self.tokens_per_s(), 1),
             "reason": self.reason,
+            "evictions": self.evictions,
             "log_tail": tail(self.log_path, 10) if self.state is State.FATAL else [],
         }
 
@@ -319,7 +324,7 @@ class Replica:
             replica_id=self.id, model=self.spec.model, modelfile=self.spec.modelfile,
             model_path=self.spec.model_path, port=port, gpu_uuids=self.spec.gpu_uuids,
             tensor_split=self.spec.tensor_split, cpu_set=self.spec.cpu_set,
-            threads=self.spec.threads, base_env=dict(os.environ), hosted=self.spec.hosted,
+            threads=self.spec.threads, base_env=self._base_env(), hosted=self.spec.hosted,
         ))
         try:
             self.child = await self.runner.spawn(
@@ -345,6 +350,10 @@ class Replica:
             if cmd is not None and cmd.kind in ("stop", "drain", "exit", "restart"):
                 return cmd
             self._finish(cmd)
+        if self.residency is not None:
+            outcome = await self._make_resident(deadline)
+            if outcome is not None:
+                return outcome
         if model.warmup:
             left = max(1.0, deadline - self.clock.now())
             if not await self.prober.canary(self.launch.base_url,
@@ -381,7 +390,8 @@ class Replica:
             now = self.clock.now()
             if now >= next_health:
                 next_health = now + model.health.interval
-                if await self.prober.health(health_url, model.health.timeout):
+                if (await self.prober.health(health_url, model.health.timeout)
+                        and await self._still_resident()):
                     failed_probes = 0
                     if self.state is State.UNHEALTHY:
                         self._move(State.READY, None)
@@ -401,6 +411,60 @@ class Replica:
             if (self.ready_since is not None
                     and self.clock.now() - self.ready_since >= self.server.stable_after):
                 self._consecutive = 0
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The daemon's own sd_notify socket is not for the engines.
+        for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(key, None)
+        if self.spec.model.engine == "ollama":
+            env["LLM_SUPERVISOR_OLLAMA_STORE"] = str(self.server.cache_dir / "ollama-store")
+        return env
+
+    def _ollama_hosted(self) -> list[tuple[str, Modelfile, Path]]:
+        rows = [(self.spec.model, self.spec.modelfile, self.spec.model_path), *self.spec.hosted]
+        return [(m.name, with_num_ctx(mf, m.ctx), path) for m, mf, path in rows]
+
+    async def _make_resident(self, deadline: float) -> Failure | Command | None:
+        """Ollama: create every hosted model and preload it with keep_alive -1."""
+        assert self.residency is not None and self.launch is not None
+        task = asyncio.ensure_future(
+            self.residency.ensure_resident(self.launch.base_url, self._ollama_hosted()))
+        try:
+            while not task.done():
+                if self.clock.now() >= deadline:
+                    return Failure("boot", "models not resident after "
+                                   f"{self.spec.model.load_timeout:g}s" + self._log_hint())
+                cmd = await self._next_command(TICK)
+                if cmd is not None and cmd.kind in ("stop", "drain", "exit", "restart"):
+                    return cmd
+                self._finish(cmd)
+        finally:
+            if not task.done():
+                task.cancel()
+        exc = task.exception()
+        if exc is not None:
+            return Failure("boot", f"could not make models resident: {exc}" + self._log_hint())
+        return None
+
+    async def _still_resident(self) -> bool:
+        """Ollama: reload any hosted model that /api/ps no longer lists (an eviction)."""
+        if self.residency is None or self.launch is None:
+            return True
+        try:
+            gone = await self.residency.missing(self.launch.base_url, list(self.spec.models))
+            if gone:
+                self.evictions += len(gone)
+                logger.warning("evicted %s from %s; reloading", ", ".join(gone), self.id)
+                for name in gone:
+                    self.events.emit("eviction", self.id,
+                                     f"ollama unloaded {name}; reloading", model=name)
+                await self.residency.ensure_resident(self.launch.base_url,
+                                                     self._ollama_hosted())
+        except OllamaError as exc:
+            logger.warning("residency check failed on %s: %s", self.id, exc)
+            return False
+        return True
 
     def _canary_due(self) -> bool:
         interval = self.spec.model.canary_interval
