@@ -61,7 +61,7 @@ class Usage:
 
 def usage_from_tail(tail: bytes) -> Usage | None:
     """Usage from the last events of a relayed stream (only those are parsed)."""
-    for event in reversed(tail.split(b"\n\n")):
+    for event in reversed(tail.replace(b"\r\n", b"\n").split(b"\n\n")):
         line = event.strip()
         if not line.startswith(b"data:"):
             continue
@@ -85,7 +85,9 @@ class SSEParser:
         self._buf = b""
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
+        # sse-starlette (llama-cpp-python) ends lines with CRLF; a CR split from its LF
+        # across reads is joined up here because the whole buffer is normalised.
+        self._buf = (self._buf + data).replace(b"\r\n", b"\n")
         out = []
         while True:
             idx = self._buf.find(b"\n\n")

@@ -45,6 +45,7 @@ class Lease:
         self.replica.in_flight -= 1
         self.replica.last_activity = self.replica.clock.now()
         if served:
+            self.replica.served += 1
             self.pool.remember(self.keys, self.replica.id)
         self.pool.dispatch()
 

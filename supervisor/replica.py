@@ -120,6 +120,7 @@ class Replica:
         self.ready_since: float | None = None
         self.last_activity = self.clock.now()
         self.tokens_out = 0
+        self.served = 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)
         self._failures: deque[float] = deque()
         self._consecutive = 0
@@ -180,6 +181,7 @@ class Replica:
             if self.ready_since is not None and self.state is State.READY else 0.0,
             "restarts": self.restarts,
             "in_flight": self.in_flight,
+            "requests": self.served,
             "slots": self.slots,
             "tokens_per_s": round(self.tokens_per_s(), 1),
             "reason": self.reason,

