@@ -213,7 +213,13 @@ async def admin_reload(request: web.Request) -> web.Response:
 
 
 def _replica_id(request: web.Request) -> str:
-    return request.match_info["id"].replace(":", "/")
+    """`gemma3-270m/0` as is, or `gemma3-270m:0` (a model name may itself hold ':')."""
+    rid = request.match_info["id"]
+    if "/" not in rid and ":" in rid:
+        model, _, index = rid.rpartition(":")
+        if index.isdigit():
+            return f"{model}/{index}"
+    return rid
 
 
 async def admin_restart(request: web.Request) -> web.Response:
@@ -254,6 +260,6 @@ def build_app(sup: Supervisor, proxy: Proxy, server: ServerConfig, metrics_: Met
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", admin_reload)
-    app.router.add_post("/admin/replicas/{id}/restart", admin_restart)
-    app.router.add_post("/admin/replicas/{id}/drain", admin_drain)
+    app.router.add_post("/admin/replicas/{id:.+}/restart", admin_restart)
+    app.router.add_post("/admin/replicas/{id:.+}/drain", admin_drain)
     return app

@@ -130,6 +130,7 @@ class Daemon:
                 server.admin_socket.unlink()
             unix = web.UnixSite(runner, str(server.admin_socket))
             await unix.start()
+            server.admin_socket.chmod(0o660)  # the service user and its group
             sites.append(unix)
         self.port = _bound_port(site)
         logger.info("listening on http://%s:%d", server.host, self.port)

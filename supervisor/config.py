@@ -561,9 +561,12 @@ def _server(r: _Reader, node: Node | None) -> ServerConfig:
     env_token = r.env.get(ENV_ADMIN_TOKEN)
     vals["admin_token"] = vals.get("admin_token") or token_file or env_token or None
     vals["hf_token"] = vals.get("hf_token") or r.env.get(ENV_HF_TOKEN) or None
-    vals.setdefault("state_dir", r.base_dir / "state")
-    vals.setdefault("log_dir", r.base_dir / "logs")
-    vals.setdefault("cache_dir", REPO_DIR / "cache")
+    # Under systemd, StateDirectory= and friends are the defaults (first path of each).
+    for key, variable, fallback in (("state_dir", "STATE_DIRECTORY", r.base_dir / "state"),
+                                    ("log_dir", "LOGS_DIRECTORY", r.base_dir / "logs"),
+                                    ("cache_dir", "CACHE_DIRECTORY", REPO_DIR / "cache")):
+        given = r.env.get(variable, "").split(":")[0]
+        vals.setdefault(key, Path(given) if given else fallback)
     server = ServerConfig(**vals)
     if server.backoff_max < server.backoff_initial:
         key = "backoff_max" if "backoff_max" in items else "backoff_initial"

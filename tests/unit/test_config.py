@@ -570,3 +570,18 @@ def test_field_tables_cover_the_dataclasses() -> None:
     server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
     extra = {"api_keys_file", "admin_token_file"}
     assert set(config_module._SERVER_SPEC) == server_fields | extra
+
+
+def test_systemd_directories_are_the_default_dirs(tmp_path: Path) -> None:
+    (tmp_path / "m.Modelfile").write_text("FROM ./m.gguf\n")
+    text = "models:\n  - name: m\n    modelfile: m.Modelfile\n"
+    env = {"STATE_DIRECTORY": "/var/lib/llm-supervisor", "CACHE_DIRECTORY": "/var/cache/a:/b",
+           "LOGS_DIRECTORY": "/var/log/llm-supervisor"}
+    server = parse_config(text, base_dir=tmp_path, env=env).server
+    assert server.state_dir == Path("/var/lib/llm-supervisor")
+    assert server.cache_dir == Path("/var/cache/a")
+    assert server.log_dir == Path("/var/log/llm-supervisor")
+    explicit = parse_config("server:\n  state_dir: st\n" + text, base_dir=tmp_path, env=env)
+    assert explicit.server.state_dir == tmp_path / "st"
+    plain = parse_config(text, base_dir=tmp_path, env={}).server
+    assert plain.state_dir == tmp_path / "state"
