@@ -106,7 +106,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.signals.stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.signals.reload.set)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        # llama-server closes idle connections after 5 s; reusing one it closed would
+        # spend a request's one failover on nothing.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3)
         session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False)

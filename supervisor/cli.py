@@ -49,6 +49,8 @@ def _setup_logging(level: str) -> None:
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    # watchdog logs every inotify event at debug, including writes to our own log file.
+    logging.getLogger("watchdog").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from .states import State, check_transition
 logger = logging.getLogger(__name__)
 
 TICK = 0.25
+HANG_CAUSES = frozenset({"process", "health", "stall", "canary"})
 
 
 class Clock(Protocol):
@@ -149,8 +151,9 @@ class Replica:
         return self.launch.slots if self.launch else self.spec.model.slots
 
     def accepts(self) -> bool:
-        """Takes new requests: READY and not draining."""
-        return self.state is State.READY and not self.draining
+        """Takes new requests: READY, not draining, and its process still there."""
+        return (self.state is State.READY and not self.draining
+                and self.child is not None and self.child.returncode is None)
 
     def note_tokens(self, n: int) -> None:
         """Record completion tokens relayed, for tokens/s in /status."""
@@ -487,7 +490,9 @@ class Replica:
                          model=self.model.name)
         if self.state is not State.STOPPING:
             self._move(State.STOPPING, f"{failure.cause}: {failure.message}")
-        await self._kill_child()
+        # A hung engine cannot drain, and llama-server's graceful SIGTERM waits for the
+        # requests the proxy still holds open: kill it at once.
+        await self._kill_child(force=failure.cause in HANG_CAUSES)
         now = self.clock.now()
         self._failures.append(now)
         while self._failures and now - self._failures[0] > self.server.failure_window:
@@ -511,9 +516,14 @@ class Replica:
         n = max(1, self._consecutive)
         return float(min(self.server.backoff_max, self.server.backoff_initial * 2 ** (n - 1)))
 
-    async def _kill_child(self) -> None:
+    async def _kill_child(self, force: bool = False) -> None:
         child = self.child
         if child is None or child.returncode is not None:
             return
-        code = await terminate(child, self.spec.model.stop_grace)
+        if force:
+            child.signal_group(signal.SIGCONT)
+            child.signal_group(signal.SIGKILL)
+            code = await child.wait()
+        else:
+            code = await terminate(child, self.spec.model.stop_grace)
         logger.info("stopped %s pid %d (exit %s)", self.id, child.pid, code)

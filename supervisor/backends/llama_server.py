@@ -2,8 +2,48 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+from pathlib import Path
+
 from ..config import ModelConfig
+from ..estimate import EstimateError, read_gguf_header
 from .base import Launch, LaunchRequest, gpu_env, total_ctx
+
+logger = logging.getLogger(__name__)
+
+# llama.cpp's built-in chat templates, for GGUFs that carry no tokenizer.chat_template
+# (llama-server would otherwise fall back to ChatML, which these models do not speak).
+BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma",
+                     "gemma3n": "gemma", "llama": "llama3", "phi3": "phi3",
+                     "qwen2": "chatml", "qwen3": "chatml", "mistral3": "mistral-v7"}
+
+
+@functools.lru_cache(maxsize=64)
+def _fallback_template(path: Path, mtime_ns: int) -> str | None:
+    try:
+        meta = read_gguf_header(path).metadata
+    except (OSError, EstimateError):
+        return None
+    if meta.get("tokenizer.chat_template"):
+        return None
+    return BUILTIN_TEMPLATES.get(str(meta.get("general.architecture", "")))
+
+
+def chat_template_args(model_path: Path, extra_args: tuple[str, ...]) -> list[str]:
+    """llama.cpp's built-in template when the GGUF has none and the user set none.
+
+    Built-in names are only understood with the legacy (non-jinja) engine; with jinja
+    on, llama-server would take the name itself as the template text.
+    """
+    if any(a.startswith(("--chat-template", "--jinja")) for a in extra_args):
+        return []
+    try:
+        mtime = model_path.stat().st_mtime_ns
+    except OSError:
+        return []
+    name = _fallback_template(model_path, mtime)
+    return ["--no-jinja", "--chat-template", name] if name else []
 
 
 def default_command() -> tuple[str, ...]:
@@ -59,6 +99,7 @@ class LlamaServer:
             argv.append("--mlock")
         for adapter in mf.adapters:
             argv += ["--lora", adapter]
+        argv += chat_template_args(req.model_path, model.extra_args)
         argv += list(model.extra_args)
         env = gpu_env(req.base_env, req.gpu_uuids)
         env.update(model.env)

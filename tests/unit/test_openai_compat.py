@@ -90,3 +90,12 @@ def test_error_shapes() -> None:
     event = error_event(502, "replica died")
     assert event.startswith(b"data: {") and event.endswith(b"\n\n")
     assert json.loads(event[6:])["error"]["message"] == "replica died"
+
+
+def test_parser_accepts_crlf_events_split_between_cr_and_lf() -> None:
+    data = b'data: {"a": 1}\r\n\r\ndata: [DONE]\r\n\r\n'
+    cut = data.index(b"\r\n\r\n") + 1  # between a CR and its LF
+    parser = SSEParser()
+    assert parser.feed(data[:cut]) == []
+    assert parser.feed(data[cut:]) == [b'{"a": 1}', b"[DONE]"]
+    assert usage_from_tail(b'data: {"usage": {"prompt_tokens": 2}}\r\n\r\n') == Usage(2, 0, 0)
