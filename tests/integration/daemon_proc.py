@@ -60,11 +60,12 @@ class DaemonProc:
     def write(self, models: list[dict[str, Any]]) -> None:
         self.config_path.write_text(yaml.safe_dump({"server": self.server, "models": models}))
 
-    def start(self, env: dict[str, str] | None = None) -> DaemonProc:
+    def start(self, env: dict[str, str] | None = None,
+              args: tuple[str, ...] = ()) -> DaemonProc:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "supervisor.cli", "--log-level", "debug", "serve",
-                 "-c", str(self.config_path)],
+                 "-c", str(self.config_path), *args],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
                 env={**os.environ, **(env or {})})
         return self
