@@ -6,6 +6,11 @@ import sys
 
 from ..config import ModelConfig
 from .base import Launch, LaunchRequest, gpu_env, total_ctx
+from .llama_server import template_fallback
+
+# llama-cpp-python's chat formats, for GGUFs without a chat template of their own.
+CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama-3",
+                "qwen2": "chatml", "qwen3": "chatml", "phi3": "chatml"}
 
 
 class LlamaCppPython:
@@ -33,6 +38,10 @@ class LlamaCppPython:
         if len(req.gpu_uuids) > 1:
             argv += ["--split_mode", "1",
                      "--tensor_split", *(f"{share:g}" for share in req.tensor_split)]
+        if not any(a.startswith("--chat_format") for a in model.extra_args):
+            fmt = template_fallback(req.model_path, CHAT_FORMATS)
+            if fmt:
+                argv += ["--chat_format", fmt]
         argv += list(model.extra_args)
         env = gpu_env(req.base_env, req.gpu_uuids)
         env.update(model.env)

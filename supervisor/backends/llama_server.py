@@ -20,14 +20,25 @@ BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma",
 
 
 @functools.lru_cache(maxsize=64)
-def _fallback_template(path: Path, mtime_ns: int) -> str | None:
+def _bare_arch(path: Path, mtime_ns: int) -> str | None:
+    """The architecture of a GGUF that carries no chat template; None otherwise."""
     try:
         meta = read_gguf_header(path).metadata
     except (OSError, EstimateError):
         return None
     if meta.get("tokenizer.chat_template"):
         return None
-    return BUILTIN_TEMPLATES.get(str(meta.get("general.architecture", "")))
+    return str(meta.get("general.architecture", ""))
+
+
+def template_fallback(model_path: Path, names: dict[str, str]) -> str | None:
+    """The engine's built-in template name for a template-less GGUF, if one fits."""
+    try:
+        mtime = model_path.stat().st_mtime_ns
+    except OSError:
+        return None
+    arch = _bare_arch(model_path, mtime)
+    return names.get(arch) if arch else None
 
 
 def chat_template_args(model_path: Path, extra_args: tuple[str, ...]) -> list[str]:
@@ -38,11 +49,7 @@ def chat_template_args(model_path: Path, extra_args: tuple[str, ...]) -> list[st
     """
     if any(a.startswith(("--chat-template", "--jinja")) for a in extra_args):
         return []
-    try:
-        mtime = model_path.stat().st_mtime_ns
-    except OSError:
-        return []
-    name = _fallback_template(model_path, mtime)
+    name = template_fallback(model_path, BUILTIN_TEMPLATES)
     return ["--no-jinja", "--chat-template", name] if name else []
 
 
