@@ -29,6 +29,8 @@ from .watch import ConfigWatcher
 
 logger = logging.getLogger(__name__)
 
+IDLE_TIMEOUT_S = 30.0  # an idle client connection is closed after this
+
 
 @dataclass
 class Signals:
@@ -119,9 +121,11 @@ class Daemon:
                          residency)
         self.sup = sup
         self.metrics.set_provider(sup.status)
-        proxy = Proxy(session, self._observe)
+        proxy = Proxy(session, self._observe, self.metrics.observe_queue_wait)
         app = build_app(sup, proxy, server, self.metrics, self.reload)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # handler_cancellation: a client that goes away cancels its upstream request.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                               keepalive_timeout=IDLE_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
         await site.start()

@@ -53,9 +53,11 @@ def json_error(status: int, message: str, *, code: str | None = None,
 class Proxy:
     """Relays requests for every model over one keep-alive client session."""
 
-    def __init__(self, session: aiohttp.ClientSession, observe: Observer | None = None) -> None:
+    def __init__(self, session: aiohttp.ClientSession, observe: Observer | None = None,
+                 observe_wait: Callable[[str, float], None] | None = None) -> None:
         self.session = session
         self.observe = observe
+        self.observe_wait = observe_wait
 
     async def forward(self, request: web.Request, pool: ModelPool, body: dict[str, Any],
                       path: str, kind: str, priority: int, keys: list[str]) -> web.StreamResponse:
@@ -86,6 +88,8 @@ class Proxy:
                     return self._done(pool, path, started, json_error(
                         503, f"model {pool.model.name!r} has no replica able to serve",
                         code="no_replica"))
+            if self.observe_wait is not None:
+                self.observe_wait(pool.model.name, lease.waited_s)
             served = False
             try:
                 response, outcome = await self._relay(request, lease, body, path, kind)

@@ -189,3 +189,6 @@ def test_metrics_exposition_parses(daemon: DaemonProc) -> None:
     ttft = [s for s in families["llm_supervisor_time_to_first_token_seconds"].samples
             if s.name.endswith("_count")]
     assert ttft and ttft[0].value == 2
+    waits = [s for s in families["llm_supervisor_queue_wait_seconds"].samples
+             if s.name.endswith("_count")]
+    assert waits and waits[0].value == 2
