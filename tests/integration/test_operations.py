@@ -192,3 +192,26 @@ def test_metrics_exposition_parses(daemon: DaemonProc) -> None:
     waits = [s for s in families["llm_supervisor_queue_wait_seconds"].samples
              if s.name.endswith("_count")]
     assert waits and waits[0].value == 2
+
+
+def test_sigterm_finishes_in_flight_streams_then_exits_0(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path, [fake_model(replicas=1, fake_args=("--fake-token-rate", "10"))])
+    d.start()
+    d.wait_ready()
+    pids = d.child_pids()
+
+    async def go() -> bytes:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(d.url + "/v1/chat/completions",
+                              json={**CHAT, "max_tokens": 20, "stream": True}) as r:
+                first = await r.content.readany()
+                assert d.proc is not None
+                d.proc.send_signal(signal.SIGTERM)  # mid-stream
+                return first + await r.read()
+
+    body = asyncio.run(go())
+    assert body.rstrip().endswith(b"[DONE]")
+    assert body.count(b'"content"') >= 20
+    assert d.stop() == 0
+    assert wait_gone(pids) == []
+    assert "stopped every replica" in d.log_text()
