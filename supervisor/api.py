@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import time
@@ -18,6 +19,8 @@ from .modelfile import request_defaults
 from .proxy import Proxy, json_error, parse_json_object
 
 logger = logging.getLogger(__name__)
+
+_defaults = functools.lru_cache(maxsize=256)(request_defaults)  # Modelfiles are frozen
 
 Reloader = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -121,7 +124,7 @@ def _with_defaults(sup: Supervisor, name: str, kind: str, body: dict[str, Any]) 
     mf = sup.prepared.modelfiles.get(name)
     if mf is None or kind == "embeddings":
         return
-    for key, value in request_defaults(mf).items():
+    for key, value in _defaults(mf).items():
         body.setdefault(key, value)
     if kind == "chat":
         messages = body["messages"]

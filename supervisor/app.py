@@ -127,7 +127,9 @@ class Daemon:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                                keepalive_timeout=IDLE_TIMEOUT_S)
         await runner.setup()
-        site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
+        # aiohttp's default backlog (128) overflows when hundreds of clients connect at once.
+        site = web.TCPSite(runner, server.host, server.port, reuse_address=True,
+                           backlog=max(128, server.max_connections))
         await site.start()
         sites: list[web.BaseSite] = [site]
         if server.admin_socket is not None:

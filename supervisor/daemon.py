@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .backends import backend_for
+from .backends.llama_server import warm_header_cache
 from .cache import resolve_model_source
 from .config import Config
 from .estimate import Estimate, estimate_gguf
@@ -64,6 +65,8 @@ def _read_models(config: Config, progress: bool
             hf_endpoint=server.hf_endpoint, hf_token=server.hf_token,
             ollama_models=server.ollama_models, progress=progress)
         paths[model.name] = path
+        # Read the header here, in prepare's thread, so a spawn never parses it in the loop.
+        warm_header_cache(path)
         ctx = model.ctx or int(mf.param("num_ctx", 2048) or 2048)
         estimates[model.name] = estimate_gguf(path, ctx, model.slots)
     return modelfiles, paths, estimates

@@ -185,6 +185,8 @@ class Metrics:
     """The daemon's metrics on a private registry (never prometheus_client's global one)."""
 
     def __init__(self, provider: StatusProvider | None = None) -> None:
+        self._endpoint_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+        self._model_children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self._provider = provider
         self._requests = Counter(
@@ -262,20 +264,41 @@ class Metrics:
         cached_tokens: int,
     ) -> None:
         """Record one finished request."""
-        self._requests.labels(model, endpoint, str(status)).inc()
-        self._latency.labels(model, endpoint).observe(max(0.0, latency_s))
+        requests, latency, ttft = self._per_endpoint(model, endpoint, status)
+        requests.inc()
+        latency.observe(max(0.0, latency_s))
         if ttft_s is not None:
-            self._ttft.labels(model, endpoint).observe(max(0.0, ttft_s))
+            ttft.observe(max(0.0, ttft_s))
+        prompt, completion, cached, _wait = self._per_model(model)
         if prompt_tokens > 0:
-            self._prompt_tokens.labels(model).inc(prompt_tokens)
+            prompt.inc(prompt_tokens)
         if completion_tokens > 0:
-            self._completion_tokens.labels(model).inc(completion_tokens)
+            completion.inc(completion_tokens)
         if cached_tokens > 0:
-            self._cached_tokens.labels(model).inc(cached_tokens)
+            cached.inc(cached_tokens)
+
+    # labels() costs a lock and a dict lookup per call; the hot path keeps the children.
+    def _per_endpoint(self, model: str, endpoint: str, status: int) -> tuple[Any, Any, Any]:
+        key = (model, endpoint, status)
+        children = self._endpoint_children.get(key)
+        if children is None:
+            children = (self._requests.labels(model, endpoint, str(status)),
+                        self._latency.labels(model, endpoint),
+                        self._ttft.labels(model, endpoint))
+            self._endpoint_children[key] = children
+        return children
+
+    def _per_model(self, model: str) -> tuple[Any, Any, Any, Any]:
+        children = self._model_children.get(model)
+        if children is None:
+            children = (self._prompt_tokens.labels(model), self._completion_tokens.labels(model),
+                        self._cached_tokens.labels(model), self._queue_wait.labels(model))
+            self._model_children[model] = children
+        return children
 
     def observe_queue_wait(self, model: str, seconds: float) -> None:
         """Record how long a request waited for a slot."""
-        self._queue_wait.labels(model).observe(max(0.0, seconds))
+        self._per_model(model)[3].observe(max(0.0, seconds))
 
     def restart(self, model: str, cause: str) -> None:
         """Count a replica restart (cause: health|stall|canary|process|crash|admin|reload)."""

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+loads: Callable[[bytes], Any]
+try:  # the `fast` extra: about 4x faster on the many small chunks of a stream
+    from orjson import loads
+except ImportError:  # pragma: no cover - exercised where orjson is absent
+    loads = json.loads
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -125,17 +132,18 @@ class Aggregator:
         if payload == b"[DONE]":
             self.done = True
             return
-        chunk = json.loads(payload)
+        chunk = loads(payload)
         if "error" in chunk:
             self.error = chunk
             return
         if self.first is None:
             self.first = chunk
-        usage = Usage.from_chunk(chunk)
-        if usage is not None:
-            self.usage = usage
-        if isinstance(chunk.get("timings"), dict):
-            self.timings = chunk["timings"]
+        if "usage" in chunk or "timings" in chunk:
+            usage = Usage.from_chunk(chunk)
+            if usage is not None:
+                self.usage = usage
+            if isinstance(chunk.get("timings"), dict):
+                self.timings = chunk["timings"]
         for c in chunk.get("choices") or []:
             choice = self.choices.setdefault(int(c.get("index", 0)), _Choice())
             if c.get("finish_reason"):

@@ -31,6 +31,11 @@ def _bare_arch(path: Path, mtime_ns: int) -> str | None:
     return str(meta.get("general.architecture", ""))
 
 
+def warm_header_cache(model_path: Path) -> None:
+    """Parse a GGUF's header now (from a thread), so launches find it cached."""
+    template_fallback(model_path, BUILTIN_TEMPLATES)
+
+
 def template_fallback(model_path: Path, names: dict[str, str]) -> str | None:
     """The engine's built-in template name for a template-less GGUF, if one fits."""
     try:
