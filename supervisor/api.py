@@ -225,22 +225,19 @@ def _replica_id(request: web.Request) -> str:
     return rid
 
 
-async def admin_restart(request: web.Request) -> web.Response:
-    sup = request.app[SUPERVISOR]
-    rid = _replica_id(request)
-    if rid not in sup.replicas:
-        return json_error(404, f"no replica {rid!r}; replicas: {', '.join(sup.replicas)}")
-    await sup.restart_replica(rid)
-    return web.json_response({"status": "restarting", "replica": rid})
+def _replica_command(kind: str, done: str) -> Callable[[web.Request],
+                                                        Awaitable[web.Response]]:
+    """An admin handler that sends one command to one replica."""
 
+    async def handler(request: web.Request) -> web.Response:
+        sup = request.app[SUPERVISOR]
+        rid = _replica_id(request)
+        if rid not in sup.replicas:
+            return json_error(404, f"no replica {rid!r}; replicas: {', '.join(sup.replicas)}")
+        await sup.replicas[rid].send(kind, "admin")
+        return web.json_response({"status": done, "replica": rid})
 
-async def admin_drain(request: web.Request) -> web.Response:
-    sup = request.app[SUPERVISOR]
-    rid = _replica_id(request)
-    if rid not in sup.replicas:
-        return json_error(404, f"no replica {rid!r}; replicas: {', '.join(sup.replicas)}")
-    await sup.drain_replica(rid)
-    return web.json_response({"status": "drained", "replica": rid})
+    return handler
 
 
 def build_app(sup: Supervisor, proxy: Proxy, server: ServerConfig, metrics_: Metrics,
@@ -263,6 +260,7 @@ def build_app(sup: Supervisor, proxy: Proxy, server: ServerConfig, metrics_: Met
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", admin_reload)
-    app.router.add_post("/admin/replicas/{id:.+}/restart", admin_restart)
-    app.router.add_post("/admin/replicas/{id:.+}/drain", admin_drain)
+    app.router.add_post("/admin/replicas/{id:.+}/restart",
+                        _replica_command("restart", "restarting"))
+    app.router.add_post("/admin/replicas/{id:.+}/drain", _replica_command("drain", "drained"))
     return app

@@ -17,6 +17,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .errors import SourceError
+
 __all__ = [
     "DEFAULT_MODELFILE",
     "ENGINES",
@@ -39,19 +41,8 @@ ENV_ADMIN_TOKEN = "LLM_SUPERVISOR_ADMIN_TOKEN"
 ENV_HF_TOKEN = "HF_TOKEN"
 
 
-class ConfigError(ValueError):
+class ConfigError(SourceError):
     """An invalid configuration: which file, line and key, and what was expected."""
-
-    def __init__(self, file: str, line: int | None, key: str, message: str) -> None:
-        self.file = file
-        self.line = line
-        self.key = key
-        self.message = message
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
 
 
 @dataclass(frozen=True)

@@ -220,13 +220,6 @@ class Supervisor:
 
     # ---- commands ---------------------------------------------------------------------
 
-    async def restart_replica(self, replica_id: str) -> None:
-        await self.replicas[replica_id].send("restart", "admin")
-
-    async def drain_replica(self, replica_id: str) -> None:
-        """Stop sending it requests, let in-flight ones finish, then stop it."""
-        await self.replicas[replica_id].send("drain", "admin")
-
     async def _retire(self, replica: Replica, drain: bool = True) -> None:
         """Drain (optionally), stop and forget one replica."""
         if drain:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import SourceError
+
 __all__ = [
     "Modelfile",
     "ModelfileError",
@@ -25,19 +27,8 @@ INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "LICENSE",
 ROLES = ("system", "user", "assistant")
 
 
-class ModelfileError(ValueError):
+class ModelfileError(SourceError):
     """A Modelfile that does not parse: where, which instruction, and what was wrong."""
-
-    def __init__(self, file: str, line: int | None, key: str, message: str) -> None:
-        self.file = file
-        self.line = line
-        self.key = key
-        self.message = message
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
 
 
 @dataclass(frozen=True)
