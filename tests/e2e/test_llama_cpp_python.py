@@ -34,10 +34,17 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
 
 
 def test_smoke(daemon: DaemonProc) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0,
                            timeout=120)
+    try:
+        _smoke(daemon, client)
+    finally:
+        client.close()
+
+
+def _smoke(daemon: DaemonProc, client: openai.OpenAI) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     assert [m.id for m in client.models.list().data] == [MODEL]
     out = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8)

@@ -36,9 +36,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
 
 
 @pytest.fixture(scope="module")
-def client(daemon: DaemonProc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=120)
+def client(daemon: DaemonProc) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0,
+                       timeout=120) as c:
+        yield c
 
 
 def test_lists_the_model(client: openai.OpenAI) -> None:

@@ -56,12 +56,12 @@ def test_one_ollama_process_hosts_both_models_and_evictions_are_reloaded(
     assert stats["env"]["OLLAMA_HOST"] == f"127.0.0.1:{port}"
     assert sorted(stats["loaded"]) == ["alpha:latest", "beta:latest"]
 
-    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="x", max_retries=0)
-    for name in ("alpha", "beta"):
-        out = client.chat.completions.create(
-            model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-            extra_body={"options": {"num_ctx": 8192}})  # would force a reload; stripped
-        assert out.choices[0].message.content
+    with openai.OpenAI(base_url=daemon.url + "/v1", api_key="x", max_retries=0) as client:
+        for name in ("alpha", "beta"):
+            out = client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                extra_body={"options": {"num_ctx": 8192}})  # would force a reload; stripped
+            assert out.choices[0].message.content
     assert engine_call(port, "/fake/stats")["reloads"] == 0
 
     engine_call(port, "/fake/control", {"evict": "beta"})

@@ -32,6 +32,8 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
         return d
 
     yield make
+    while _CLIENTS:
+        _CLIENTS.pop().close()
     for d in started:
         if d.proc is not None and d.proc.poll() is None:
             pids = d.descendants()
@@ -39,9 +41,15 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
             assert wait_gone(pids) == [], "children outlived the daemon"
 
 
+_CLIENTS: list[openai.OpenAI] = []
+
+
 def client(d: DaemonProc, **kw: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=d.url + "/v1", api_key=kw.pop("api_key", "none"),
-                         max_retries=0, timeout=30, **kw)
+    """An OpenAI client on the daemon; closed when the test ends."""
+    c = openai.OpenAI(base_url=d.url + "/v1", api_key=kw.pop("api_key", "none"),
+                      max_retries=0, timeout=30, **kw)
+    _CLIENTS.append(c)
+    return c
 
 
 def by_id(status: dict[str, Any], rid: str) -> dict[str, Any]:
@@ -215,16 +223,19 @@ def test_crash_mid_stream_ends_with_error_event(daemon_factory: Any) -> None:
 def test_slow_load_and_never_ready_goes_fatal_with_log_tail(daemon_factory: Any) -> None:
     d = daemon_factory([
         fake_model("slow", replicas=1, fake_args=("--fake-load-time", "1.5")),
-        fake_model("broken", replicas=1, load_timeout=3.0, fake_args=("--fake-never-ready",)),
+        fake_model("broken", replicas=1, load_timeout=5.0, fake_args=("--fake-never-ready",)),
     ], max_failures=2)
     s = d.wait(lambda s: by_id(s, "slow/0")["state"] == "STARTING", what="slow STARTING")
     s = d.wait(lambda s: by_id(s, "slow/0")["state"] == "READY", what="slow READY")
-    s = d.wait(lambda s: by_id(s, "broken/0")["state"] == "FATAL", what="broken FATAL")
+    s = d.wait(lambda s: by_id(s, "broken/0")["state"] == "FATAL", timeout=40,
+               what="broken FATAL")
     broken = by_id(s, "broken/0")
     assert "gave up after 2 failures" in broken["reason"]
-    assert "not ready after 3s" in broken["reason"]
+    assert "not ready after 5s" in broken["reason"]
     assert broken["log_tail"], "the child's last log lines are in /status"
-    assert any("server is listening" in line for line in broken["log_tail"])
+    # the tail is this child's own log: it starts with the exact command that was spawned
+    assert any("spawning:" in line and "--fake-never-ready" in line
+               for line in broken["log_tail"])
     # /ready stays 503 while a model has no READY replica
     import urllib.error
     import urllib.request
