@@ -11,7 +11,6 @@ import os
 import shlex
 import signal
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -156,7 +155,7 @@ async def terminate(child: Child, grace: float) -> int:
 
 
 def tail(path: Path, lines: int = 20) -> list[str]:
-    """The last lines of a child's log."""
+    """The last lines of a child's log, with runs of one repeated line folded into one."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -165,7 +164,20 @@ def tail(path: Path, lines: int = 20) -> list[str]:
             data = f.read()
     except OSError:
         return []
-    return [line.decode("utf-8", "replace") for line in deque(data.splitlines(), lines)]
+    raw_lines = data.splitlines()
+    if size > len(data):
+        raw_lines = raw_lines[1:]  # the first line was cut by the seek
+    texts: list[str] = []
+    counts: list[int] = []
+    for raw in raw_lines:
+        line = raw.decode("utf-8", "replace")
+        if texts and texts[-1] == line:
+            counts[-1] += 1
+        else:
+            texts.append(line)
+            counts.append(1)
+    folded = [f"{t} (x{n})" if n > 1 else t for t, n in zip(texts, counts, strict=True)]
+    return folded[-lines:]
 
 
 class PidRegistry:

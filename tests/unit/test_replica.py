@@ -372,3 +372,12 @@ async def test_snapshot_shape(tmp_path: Path) -> None:
     assert snap["id"] == "m/0" and snap["state"] == "READY" and snap["pid"] == 100
     assert snap["port"] == 40000 and snap["cpus"] == [0] and snap["slots"] == 2
     await finish(replica, task)
+
+
+def test_log_tail_folds_repeated_lines(tmp_path: Path) -> None:
+    from supervisor.process import tail
+
+    log = tmp_path / "x.log"
+    log.write_text("start\n" + "GET /health 503\n" * 40 + "bye\n")
+    assert tail(log, 3) == ["start", "GET /health 503 (x40)", "bye"]
+    assert tail(tmp_path / "missing.log") == []
