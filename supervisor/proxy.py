@@ -20,6 +20,7 @@ from .pool import Lease, ModelPool, NoReplica, QueueFull, QueueTimeout
 logger = logging.getLogger(__name__)
 
 TAIL_BYTES = 8192
+STALE_RETRIES = 2
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
@@ -147,9 +148,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            # The first byte may wait for prompt processing: allow twice the stall time.
-            async with asyncio.timeout(stall * 2):
-                up = await self.session.post(url, json=upstream)
+            up = await self._post(url, upstream, stall * 2)
         except TimeoutError:
             replica.report_hang("stall", f"no response from the engine in {stall * 2:g}s")
             raise Retry(f"{replica.id} stalled: no response in {stall * 2:g}s", 504) from None
@@ -175,6 +174,23 @@ class Proxy:
                 up.release()
             else:
                 up.close()  # the engine sees the disconnect and frees the slot
+
+    async def _post(self, url: str, body: dict[str, Any],
+                    first_byte: float) -> aiohttp.ClientResponse:
+        """POST upstream; a pooled connection the engine already closed is retried fresh.
+
+        The first byte may wait for prompt processing, so it gets `first_byte` seconds.
+        """
+        for attempt in range(STALE_RETRIES + 1):
+            try:
+                async with asyncio.timeout(first_byte):
+                    return await self.session.post(url, json=body)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # Nothing was generated: the engine closed an idle keep-alive socket (or is
+                # gone, and the next try is refused at once and fails over).
+                if attempt == STALE_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _plain(up: aiohttp.ClientResponse, data: bytes) -> web.Response:
