@@ -49,6 +49,19 @@ def choose(
     return tied[turn % len(tied)].id
 
 
+def defer_for_affine(candidates: Sequence[Candidate], affine: str | None,
+                     exclude: frozenset[str] = frozenset()) -> bool:
+    """Whether a queued request should let other waiters take a free slot first.
+
+    True while the replica that holds its prefix is a candidate (READY) but at its slots:
+    that replica's next free slot is coming, and a slot elsewhere means re-reading the whole
+    prefix there. The request still takes any slot that no other waiter wants.
+    """
+    if affine is None or affine in exclude:
+        return False
+    return any(c.id == affine and c.in_flight >= c.slots for c in candidates)
+
+
 def _digest(prev: str, block: str) -> str:
     return hashlib.blake2b((prev + "\x00" + block).encode(), digest_size=12).hexdigest()
 

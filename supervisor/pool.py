@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .balancer import Candidate, choose
+from .balancer import Candidate, choose, defer_for_affine
 from .config import ModelConfig
 from .replica import Replica
 from .states import State
@@ -152,21 +152,36 @@ class ModelPool:
                 self._waiters.remove(waiter)
 
     def dispatch(self) -> None:
-        """Hand free slots to waiters in priority-then-arrival order."""
+        """Hand free slots to waiters in priority-then-arrival order, prefix holders first.
+
+        A waiter whose affine replica is READY but full lets later waiters take a slot
+        elsewhere and waits for its own replica; it still takes any slot left over, so no
+        slot idles while someone waits.
+        """
+        deferred: list[_Waiter] = []
         for waiter in list(self._waiters):
             if waiter.future.done():
                 self._waiters.remove(waiter)
                 continue
-            replica = self._pick(waiter.keys, waiter.exclude)
-            if replica is None:
-                if not self.can_serve_soon(waiter.exclude):
-                    self._waiters.remove(waiter)
-                    waiter.future.set_exception(NoReplica(self.model.name))
-                    continue
-                # A waiter that excluded the only free replica must not block the rest.
+            snapshot = [Candidate(r.id, r.in_flight, r.slots)
+                        for r in self.replicas if r.accepts()]
+            if defer_for_affine(snapshot, self._affine(waiter.keys), waiter.exclude):
+                deferred.append(waiter)
                 continue
-            self._waiters.remove(waiter)
-            waiter.future.set_result(self._lease(replica, waiter.keys, waiter.since))
+            self._hand_slot(waiter)
+        for waiter in deferred:
+            self._hand_slot(waiter)
+
+    def _hand_slot(self, waiter: _Waiter) -> None:
+        replica = self._pick(waiter.keys, waiter.exclude)
+        if replica is None:
+            if not self.can_serve_soon(waiter.exclude):
+                self._waiters.remove(waiter)
+                waiter.future.set_exception(NoReplica(self.model.name))
+            # A waiter that excluded the only free replica must not block the rest.
+            return
+        self._waiters.remove(waiter)
+        waiter.future.set_result(self._lease(replica, waiter.keys, waiter.since))
 
     # ---- reporting ---------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from tests.bench.balance import (
     Sample,
     client_session,
     engine_binary,
+    exit_on_sigterm,
     fmt,
     percentile,
     sample_load,
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the daemon from the supervisor package in DIR (A/B a change)")
     args = ap.parse_args(argv)
     engine_binary()
+    exit_on_sigterm()
     params = params_from(args)
     with workdir_for(args.workdir, "bench-affinity-") as work:
         out = asyncio.run(bench(params, work))

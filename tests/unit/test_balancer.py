@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.balancer import Candidate, choose, prefix_keys, priority_of
+from supervisor.balancer import Candidate, choose, defer_for_affine, prefix_keys, priority_of
 
 
 def cands(*loads: tuple[int, int]) -> list[Candidate]:
@@ -74,3 +74,18 @@ def test_prefix_keys_completion_blocks() -> None:
 ])
 def test_priority_of(value: str | None, rank: int) -> None:
     assert priority_of(value) == rank
+
+
+@pytest.mark.parametrize(("loads", "affine", "exclude", "expected"), [
+    # the prefix holder is full: wait for it rather than re-read the prefix elsewhere
+    (((2, 2), (0, 2)), "r0", (), True),
+    # the prefix holder has a free slot: no need to wait
+    (((1, 2), (0, 2)), "r0", (), False),
+    # no affinity, or affinity to a replica that is gone or was failed over from
+    (((2, 2), (0, 2)), None, (), False),
+    (((2, 2), (0, 2)), "gone", (), False),
+    (((2, 2), (0, 2)), "r0", ("r0",), False),
+])
+def test_defer_for_affine(loads: tuple[tuple[int, int], ...], affine: str | None,
+                          exclude: tuple[str, ...], expected: bool) -> None:
+    assert defer_for_affine(cands(*loads), affine, frozenset(exclude)) is expected
