@@ -320,6 +320,7 @@ global
 defaults
     mode http
     option http-keep-alive
+    option http-no-delay
     timeout connect 5s
     timeout client 60s
     timeout server 60s
