@@ -163,6 +163,7 @@ def test_sd_notify_messages_and_sighup_reload(daemon: DaemonProc, tmp_path: Path
 def test_metrics_exposition_parses(daemon: DaemonProc) -> None:
     daemon.start()
     daemon.wait_ready()
+    daemon.wait(lambda s: all(r["state"] == "READY" for r in s["replicas"]), what="both READY")
 
     async def go() -> str:
         async with aiohttp.ClientSession() as s:

@@ -248,6 +248,7 @@ def test_slow_load_and_never_ready_goes_fatal_with_log_tail(daemon_factory: Any)
 def test_sigterm_ignored_child_is_killed_and_no_orphans(daemon_factory: Any) -> None:
     d = daemon_factory([fake_model(stop_grace=0.5, fake_args=("--fake-ignore-sigterm",))])
     d.wait_ready()
+    d.wait(lambda s: all(r["state"] == "READY" for r in s["replicas"]), what="both READY")
     pids = d.child_pids()
     assert len(pids) == 2
     assert d.stop() == 0
@@ -258,6 +259,7 @@ def test_kill_9_daemon_leaves_no_orphans_and_restart_reaps(tmp_path: Path,
                                                           daemon_factory: Any) -> None:
     d = daemon_factory([fake_model(fake_args=("--fake-ignore-sigterm",))])
     d.wait_ready()
+    d.wait(lambda s: all(r["state"] == "READY" for r in s["replicas"]), what="both READY")
     pids = d.child_pids()
     assert d.stop(signal.SIGKILL) == -9
     assert wait_gone(pids, timeout=5) == [], "PR_SET_PDEATHSIG took the children down"
