@@ -85,6 +85,21 @@ def usage_from_tail(tail: bytes) -> Usage | None:
     return None
 
 
+def whole_answer(body: bytes) -> tuple[Usage | None, float | None]:
+    """Usage of a whole (non-streamed) completion, and the seconds the engine spent after
+    its first token (llama-server's `timings.predicted_ms`); None where it says nothing."""
+    try:
+        obj = loads(body)
+    except ValueError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    timings = obj.get("timings")
+    predicted = timings.get("predicted_ms") if isinstance(timings, dict) else None
+    after_first = predicted / 1000 if isinstance(predicted, int | float) else None
+    return Usage.from_chunk(obj), after_first
+
+
 class SSEParser:
     """Splits an SSE byte stream into `data:` payloads."""
 

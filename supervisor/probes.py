@@ -17,6 +17,8 @@ class Prober(Protocol):
 
     async def canary(self, base_url: str, model: str, timeout: float) -> bool: ...
 
+    async def answers(self, url: str, timeout: float) -> bool: ...
+
 
 class HttpProber:
     """Probes over one shared client session."""
@@ -31,6 +33,17 @@ class HttpProber:
             ) as resp:
                 await resp.read()
                 return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def answers(self, url: str, timeout: float) -> bool:
+        """Any HTTP answer within `timeout` (a 501 from `--no-slots` still shows life)."""
+        try:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                await resp.read()
+                return True
         except (aiohttp.ClientError, TimeoutError):
             return False
 

@@ -14,7 +14,15 @@ import aiohttp
 from aiohttp import web
 
 from .backends.ollama import strip_reload_options
-from .openai_compat import Aggregator, SSEParser, Usage, error_body, error_event, usage_from_tail
+from .openai_compat import (
+    Aggregator,
+    SSEParser,
+    Usage,
+    error_body,
+    error_event,
+    usage_from_tail,
+    whole_answer,
+)
 from .pool import Lease, ModelPool, NoReplica, QueueFull, QueueTimeout
 
 logger = logging.getLogger(__name__)
@@ -134,21 +142,26 @@ class Proxy:
                      path: str, kind: str) -> tuple[web.StreamResponse, Outcome]:
         replica = lease.replica
         model = replica.model
+        launch = replica.launch
         client_stream = bool(body.get("stream")) and kind in ("chat", "text")
         upstream = strip_reload_options(body) if model.engine == "ollama" else dict(body)
         upstream["model"] = replica.backend.upstream_model(model)
-        streamed = kind in ("chat", "text") and replica.launch is not None \
-            and replica.launch.stream_upstream
+        generates = kind in ("chat", "text")
+        streamed = generates and launch is not None and (client_stream or launch.stream_upstream)
         if streamed:
             upstream["stream"] = True
             if not client_stream:
                 upstream["stream_options"] = {"include_usage": True}
-        url = replica.base_url + path
+        # A whole answer comes at the end: no deadline where the replica's progress is
+        # watched another way (see Replica._watch_progress), a generous one where not.
+        watched = launch is not None and launch.progress_path is not None
         stall = model.stall_timeout
+        whole_timeout = None if watched else max(stall * 3, 60.0)
+        url = replica.base_url + path
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            up = await self._post(url, upstream, stall * 2)
+            up = await self._post(url, upstream, stall * 2 if streamed else whole_timeout)
         except TimeoutError:
             replica.report_hang("stall", f"no response from the engine in {stall * 2:g}s")
             raise Retry(f"{replica.id} stalled: no response in {stall * 2:g}s", 504) from None
@@ -159,8 +172,13 @@ class Proxy:
                 text = (await _read_all(up, stall * 2))[:300].decode("utf-8", "replace")
                 raise Retry(f"{replica.id} answered {up.status}: {text}")
             if up.status != 200 or not streamed:
-                data = await _read_all(up, max(stall * 3, 60.0))
-                return self._plain(up, data), Outcome(up.status, None, None)
+                data = await _read_all(up, whole_timeout)
+                usage = ttft = None
+                if generates and up.status == 200:
+                    usage, after_first = whole_answer(data)
+                    if after_first is not None:  # the first token came that long before the end
+                        ttft = max(0.0, loop.time() - t0 - after_first)
+                return self._plain(up, data), Outcome(up.status, usage, ttft)
             if client_stream:
                 return await self._stream(request, lease, up, stall, t0)
             return await self._aggregate(up, kind, stall, t0, lease)
@@ -176,7 +194,7 @@ class Proxy:
                 up.close()  # the engine sees the disconnect and frees the slot
 
     async def _post(self, url: str, body: dict[str, Any],
-                    first_byte: float) -> aiohttp.ClientResponse:
+                    first_byte: float | None) -> aiohttp.ClientResponse:
         """POST upstream; a pooled connection the engine already closed is retried fresh.
 
         The first byte may wait for prompt processing, so it gets `first_byte` seconds.
@@ -264,7 +282,7 @@ async def _read_chunk(up: aiohttp.ClientResponse, timeout: float) -> bytes:
         return await up.content.readany()
 
 
-async def _read_all(up: aiohttp.ClientResponse, timeout: float) -> bytes:
+async def _read_all(up: aiohttp.ClientResponse, timeout: float | None) -> bytes:
     async with asyncio.timeout(timeout):
         return await up.read()
 

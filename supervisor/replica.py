@@ -376,6 +376,36 @@ class Replica:
         model = self.spec.model
         assert self.launch is not None and self.child is not None
         health_url = self.launch.base_url + self.launch.health_path
+        watcher = None
+        if self.launch.progress_path is not None:
+            watcher = asyncio.create_task(self._watch_progress(
+                self.launch.base_url, self.launch.progress_path, model.stall_timeout * 2))
+        try:
+            return await self._serve_loop(health_url)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _watch_progress(self, base_url: str, path: str, timeout: float) -> None:
+        """While busy, the engine's generation loop must answer `path` within `timeout`.
+
+        A non-streaming request is not streamed from such an engine, so no byte shows its
+        progress; llama-server serves /slots from the loop that generates, and a wedged
+        generation leaves it unanswered while /health still says ok.
+        """
+        interval = self.spec.model.health.interval
+        while True:
+            await self.clock.sleep(interval)
+            if self.in_flight == 0:
+                continue
+            if not await self.prober.answers(base_url + path, timeout) and self.in_flight > 0:
+                self.report_hang("stall", f"busy, and the generation loop did not answer "
+                                          f"{path} in {timeout:g}s")
+                return
+
+    async def _serve_loop(self, health_url: str) -> Failure | Command:
+        model = self.spec.model
+        assert self.launch is not None and self.child is not None
         next_health = self.clock.now() + model.health.interval
         failed_probes = 0
         while True:

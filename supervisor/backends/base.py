@@ -37,9 +37,15 @@ class Launch:
     env: Mapping[str, str]
     port: int
     health_path: str
-    # Requests upstream are always streamed so the daemon sees every byte
-    # (stall detection, TTFT, transparent retry of non-streaming requests).
+    # Whether a non-streaming request is streamed from the engine all the same, so the
+    # daemon sees every byte (stall detection, TTFT). An engine that can show its progress
+    # another way (`progress_path`) is asked for the whole answer instead: half the work
+    # for the engine and for the daemon. Either way it is retried until the client has a byte.
     stream_upstream: bool = True
+    # An endpoint served by the engine's generation loop itself (llama-server's /slots):
+    # while requests are in flight it must answer within 2 x stall_timeout, or the
+    # generation is wedged even though /health answers.
+    progress_path: str | None = None
     # How many sequences the engine runs at once (its slots).
     slots: int = 1
 

@@ -117,5 +117,5 @@ class LlamaServer:
         env.update(model.env)
         return Launch(
             argv=tuple(argv), env=env, port=req.port, health_path="/health",
-            slots=model.slots,
+            slots=model.slots, stream_upstream=False, progress_path="/slots",
         )

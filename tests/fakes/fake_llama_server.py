@@ -305,6 +305,7 @@ class FakeLlamaServer:
         self.completions = 0
         self.streams = 0
         self.hung = 0
+        self.wedged = 0  # generations wedged right now
         self.task_id = 0
         self.recent: collections.deque[Json] = collections.deque(maxlen=50)
         self.prompt_tokens_total = 0
@@ -378,6 +379,7 @@ class FakeLlamaServer:
         if self.ns.no_slots:
             raise ApiError(501, "This server does not support slots endpoint. Start it with "
                            "`--slots`", "not_supported_error")
+        await self.loop_task()
         return web.json_response([
             {
                 "id": s.id, "id_task": s.id_task, "n_ctx": s.n_ctx, "speculative": False,
@@ -393,6 +395,7 @@ class FakeLlamaServer:
         if not self.ns.metrics:
             raise ApiError(501, "This server does not support metrics endpoint. Start it with "
                            "`--metrics`", "not_supported_error")
+        await self.loop_task()
         busy = sum(1 for s in self.pool.slots if s.busy)
         prompt_tps = (self.prompt_tokens_total / self.prompt_seconds_total
                       if self.prompt_seconds_total else 0.0)
@@ -559,8 +562,18 @@ class FakeLlamaServer:
     async def wedge(self) -> None:
         """Hang forever, the way a wedged generation loop does."""
         self.hung += 1
+        self.wedged += 1
         log("fake: generation wedged")
-        await asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            self.wedged -= 1
+
+    async def loop_task(self) -> None:
+        """llama-server serves /slots and /metrics from its generation loop: a wedged
+        generation leaves them unanswered (while /health, served apart, still answers)."""
+        if self.wedged or self.b.hang:
+            await asyncio.get_running_loop().create_future()
 
     async def complete(self, request: web.Request, kind: str) -> web.StreamResponse:
         self.in_flight += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import signal
@@ -198,6 +199,32 @@ async def test_llama_hang_after_n_keeps_health_green() -> None:
             async with s.get(fake.url + "/health") as r:
                 assert r.status == 200
         assert fake.stats()["hung"] == 1
+
+
+async def test_llama_slots_goes_silent_while_a_generation_is_wedged() -> None:
+    """/slots is served by llama-server's generation loop; /health is not."""
+    with start_llama(["--fake-hang-after", "1", "--fake-token-rate", "0"]) as fake:
+        async with aiohttp.ClientSession(timeout=SHORT) as s:
+            async with s.get(fake.url + "/slots") as r:
+                assert r.status == 200
+            async with s.post(fake.url + CHAT, json=chat_body()) as r:
+                assert r.status == 200
+            wedged = asyncio.ensure_future(s.post(fake.url + CHAT, json=chat_body()))
+            deadline = time.monotonic() + 3
+            while fake.stats()["hung"] < 1:
+                assert time.monotonic() < deadline, "the second completion never wedged"
+                await asyncio.sleep(0.02)
+            async with s.get(fake.url + "/health") as r:
+                assert r.status == 200
+            try:
+                async with s.get(fake.url + "/slots",
+                                 timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                    raise AssertionError(f"/slots answered {r.status}")
+            except TimeoutError:
+                pass
+            wedged.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await wedged
 
 
 async def test_llama_crash_mid_stream_cuts_the_stream_and_exits_1() -> None:

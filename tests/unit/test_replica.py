@@ -90,8 +90,10 @@ class FakeProber:
     def __init__(self) -> None:
         self.healthy: Callable[[], bool] = lambda: True
         self.canary_ok: Callable[[], bool] = lambda: True
+        self.alive: Callable[[], bool] = lambda: True
         self.health_calls = 0
         self.canary_calls = 0
+        self.progress_urls: list[str] = []
 
     async def health(self, url: str, timeout: float) -> bool:
         self.health_calls += 1
@@ -100,6 +102,10 @@ class FakeProber:
     async def canary(self, base_url: str, model: str, timeout: float) -> bool:
         self.canary_calls += 1
         return self.canary_ok()
+
+    async def answers(self, url: str, timeout: float) -> bool:
+        self.progress_urls.append(url)
+        return self.alive()
 
 
 def make(tmp_path: Path, **model_kw: object) -> tuple[Replica, FakeRunner, FakeProber,
@@ -303,6 +309,43 @@ async def test_reported_stall_replaces_the_process(tmp_path: Path) -> None:
     await until(lambda: replica.state is State.READY and len(runner.children) == 2)
     assert replica.restarts == 1
     assert any(e.kind == "hang" and e.cause == "stall" for e in replica.events.latest())
+    await finish(replica, task)
+
+
+async def test_busy_replica_whose_generation_loop_is_silent_is_hung(tmp_path: Path) -> None:
+    replica, runner, prober, _clock, _seen = make(tmp_path, stall_timeout=3.0)
+    task = asyncio.create_task(replica.run())
+    await until(lambda: replica.state is State.READY)
+    for _ in range(300):  # idle: /slots is never asked
+        await asyncio.sleep(0)
+    assert prober.progress_urls == []
+    replica.in_flight = 1
+    await until(lambda: len(prober.progress_urls) >= 2)
+    assert replica.state is State.READY  # answering: still READY
+    assert prober.progress_urls[0] == "http://127.0.0.1:40000/slots"
+    prober.alive = lambda: False
+    await until(lambda: replica.state is State.BACKOFF)
+    assert replica.reason == "stall: busy, and the generation loop did not answer /slots in 6s"
+    replica.in_flight = 0
+    await until(lambda: replica.state is State.READY and len(runner.children) == 2)
+    await finish(replica, task)
+
+
+async def test_silent_loop_after_the_work_finished_is_not_a_hang(tmp_path: Path) -> None:
+    replica, _runner, prober, _clock, _seen = make(tmp_path)
+
+    def went_idle() -> bool:  # the last request finished while /slots was being asked
+        replica.in_flight = 0
+        return False
+
+    prober.alive = went_idle
+    task = asyncio.create_task(replica.run())
+    await until(lambda: replica.state is State.READY)
+    replica.in_flight = 1
+    await until(lambda: len(prober.progress_urls) >= 1)
+    for _ in range(300):
+        await asyncio.sleep(0)
+    assert replica.state is State.READY and replica.restarts == 0
     await finish(replica, task)
 
 
