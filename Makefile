@@ -42,7 +42,7 @@ test-fast: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check supervisor tests
-	$(BIN)/mypy supervisor
+	$(BIN)/mypy supervisor tests
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python tests/bench/overhead.py

@@ -105,6 +105,20 @@ class ServerConfig:
     hf_endpoint: str = "https://huggingface.co"
     hf_token: str | None = None
     ollama_models: Path | None = None
+    # auto: pin each engine to its CPU set only on hosts with PIN_MIN_CPUS or more; on a
+    # smaller host every core would hold an engine and the daemon would fight for one.
+    pin_cpus: str = "auto"
+
+
+PIN_CPUS = ("auto", "always", "never")
+PIN_MIN_CPUS = 4
+
+
+def pins_cpus(server: ServerConfig, host_cpus: int) -> bool:
+    """Whether engines are pinned to their CPU sets on a host with `host_cpus` CPUs."""
+    if server.pin_cpus == "auto":
+        return host_cpus >= PIN_MIN_CPUS
+    return server.pin_cpus == "always"
 
 
 @dataclass(frozen=True)
@@ -508,6 +522,7 @@ _SERVER_SPEC: dict[str, Conv] = {
     "hf_endpoint": _url,
     "hf_token": _optional(_text),
     "ollama_models": _optional(_path),
+    "pin_cpus": _choice(PIN_CPUS),
 }
 
 _MODEL_SPEC: dict[str, Conv] = {

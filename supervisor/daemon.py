@@ -14,7 +14,7 @@ from . import __version__
 from .backends import backend_for
 from .backends.llama_server import warm_header_cache
 from .cache import resolve_model_source
-from .config import Config
+from .config import Config, pins_cpus
 from .estimate import Estimate, estimate_gguf
 from .events import Events
 from .gpus import Inventory, gpu_stats
@@ -123,7 +123,9 @@ class Supervisor:
         return ReplicaSpec(
             id=rid, model=model, modelfile=prepared.modelfiles[model.name],
             model_path=prepared.paths[model.name], gpu_indexes=rp.gpu_indexes,
-            gpu_uuids=rp.gpu_uuids, tensor_split=rp.tensor_split, cpu_set=rp.cpu_set,
+            gpu_uuids=rp.gpu_uuids, tensor_split=rp.tensor_split,
+            cpu_set=rp.cpu_set if pins_cpus(prepared.config.server,
+                                             len(prepared.inventory.cpus)) else (),
             threads=rp.threads, hosted=others)
 
     def _new_replica(self, prepared: Prepared, rp: ReplicaPlan,

