@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 loads: Callable[[bytes], Any]
-try:  # the `fast` extra: about 4x faster on the many small chunks of a stream
-    from orjson import loads
+dumps: Callable[[Any], bytes]
+try:  # the `fast` extra: several times faster on request bodies and stream chunks
+    from orjson import dumps, loads
 except ImportError:  # pragma: no cover - exercised where orjson is absent
     loads = json.loads
+
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 ERROR_TYPES = {
     400: "invalid_request_error",

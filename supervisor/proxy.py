@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -18,8 +17,10 @@ from .openai_compat import (
     Aggregator,
     SSEParser,
     Usage,
+    dumps,
     error_body,
     error_event,
+    loads,
     usage_from_tail,
     whole_answer,
 )
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 TAIL_BYTES = 8192
 STALE_RETRIES = 2
+JSON_HEADERS = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
@@ -202,7 +204,7 @@ class Proxy:
         for attempt in range(STALE_RETRIES + 1):
             try:
                 async with asyncio.timeout(first_byte):
-                    return await self.session.post(url, json=body)
+                    return await self.session.post(url, data=dumps(body), headers=JSON_HEADERS)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 # Nothing was generated: the engine closed an idle keep-alive socket (or is
                 # gone, and the next try is refused at once and fails over).
@@ -283,6 +285,8 @@ async def _read_chunk(up: aiohttp.ClientResponse, timeout: float) -> bytes:
 
 
 async def _read_all(up: aiohttp.ClientResponse, timeout: float | None) -> bytes:
+    if timeout is None:
+        return await up.read()
     async with asyncio.timeout(timeout):
         return await up.read()
 
@@ -290,7 +294,7 @@ async def _read_all(up: aiohttp.ClientResponse, timeout: float | None) -> bytes:
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or ValueError saying what is wrong."""
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except ValueError as exc:
         raise ValueError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
