@@ -11,6 +11,7 @@ from supervisor.openai_compat import (
     error_body,
     error_event,
     usage_from_tail,
+    whole_answer,
 )
 
 
@@ -99,3 +100,20 @@ def test_parser_accepts_crlf_events_split_between_cr_and_lf() -> None:
     assert parser.feed(data[:cut]) == []
     assert parser.feed(data[cut:]) == [b'{"a": 1}', b"[DONE]"]
     assert usage_from_tail(b'data: {"usage": {"prompt_tokens": 2}}\r\n\r\n') == Usage(2, 0, 0)
+
+
+def test_whole_answer_reads_usage_and_the_time_after_the_first_token() -> None:
+    body = (b'{"choices":[{"message":{"content":"hi"}}],'
+            b'"usage":{"prompt_tokens":12,"completion_tokens":4,"total_tokens":16},'
+            b'"timings":{"cache_n":8,"prompt_n":4,"predicted_n":4,"predicted_ms":250.0}}')
+    usage, after_first = whole_answer(body)
+    assert usage == Usage(prompt=12, completion=4, cached=8)
+    assert after_first == 0.25
+
+
+def test_whole_answer_without_timings_or_json() -> None:
+    assert whole_answer(b'{"usage":{"prompt_tokens":3,"completion_tokens":1}}') == (
+        Usage(prompt=3, completion=1, cached=0), None)
+    assert whole_answer(b"not json") == (None, None)
+    assert whole_answer(b"[1]") == (None, None)
+    assert whole_answer(b'{"timings":{"predicted_ms":"x"}}') == (Usage(), None)
