@@ -26,26 +26,23 @@ class HttpProber:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self.session = session
 
-    async def health(self, url: str, timeout: float) -> bool:
+    async def _status(self, url: str, timeout: float) -> int | None:
+        """The HTTP status of a GET answered in full within `timeout`, else None."""
         try:
             async with self.session.get(
                 url, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 await resp.read()
-                return resp.status == 200
+                return resp.status
         except (aiohttp.ClientError, TimeoutError):
-            return False
+            return None
+
+    async def health(self, url: str, timeout: float) -> bool:
+        return await self._status(url, timeout) == 200
 
     async def answers(self, url: str, timeout: float) -> bool:
         """Any HTTP answer within `timeout` (a 501 from `--no-slots` still shows life)."""
-        try:
-            async with self.session.get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                await resp.read()
-                return True
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await self._status(url, timeout) is not None
 
     async def canary(self, base_url: str, model: str, timeout: float) -> bool:
         """One-token completion: catches an engine whose /health is fine but is wedged."""
