@@ -25,6 +25,7 @@ from .probes import HttpProber
 from .process import OsRunner, PidRegistry
 from .proxy import Proxy
 from .sdnotify import Notifier
+from .upstream import Upstream
 from .watch import ConfigWatcher
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class Daemon:
                          residency)
         self.sup = sup
         self.metrics.set_provider(sup.status)
-        proxy = Proxy(session, self._observe, self.metrics.observe_queue_wait)
+        upstream = Upstream()
+        proxy = Proxy(upstream, self._observe, self.metrics.observe_queue_wait)
         app = build_app(sup, proxy, server, self.metrics, self.reload)
         # handler_cancellation: a client that goes away cancels its upstream request.
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
@@ -159,6 +161,7 @@ class Daemon:
                 await s.stop()
             await sup.shutdown(server.drain_timeout)
             await runner.cleanup()
+            await upstream.close()
             await session.close()
         logger.info("stopped")
         return 0

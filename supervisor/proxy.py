@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from .backends.ollama import strip_reload_options
@@ -25,12 +24,12 @@ from .openai_compat import (
     whole_answer,
 )
 from .pool import Lease, ModelPool, NoReplica, QueueFull, QueueTimeout
+from .upstream import Disconnected, Response, Upstream, UpstreamError
 
 logger = logging.getLogger(__name__)
 
 TAIL_BYTES = 8192
 STALE_RETRIES = 2
-JSON_HEADERS = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
@@ -62,11 +61,11 @@ def json_error(status: int, message: str, *, code: str | None = None,
 
 
 class Proxy:
-    """Relays requests for every model over one keep-alive client session."""
+    """Relays requests for every model over keep-alive connections to the engines."""
 
-    def __init__(self, session: aiohttp.ClientSession, observe: Observer | None = None,
+    def __init__(self, upstream: Upstream, observe: Observer | None = None,
                  observe_wait: Callable[[str, float], None] | None = None) -> None:
-        self.session = session
+        self.upstream = upstream
         self.observe = observe
         self.observe_wait = observe_wait
 
@@ -167,14 +166,14 @@ class Proxy:
         except TimeoutError:
             replica.report_hang("stall", f"no response from the engine in {stall * 2:g}s")
             raise Retry(f"{replica.id} stalled: no response in {stall * 2:g}s", 504) from None
-        except aiohttp.ClientError as exc:
-            raise Retry(f"{replica.id}: {exc.__class__.__name__}: {exc}") from None
+        except UpstreamError as exc:
+            raise Retry(f"{replica.id}: {exc}") from None
         try:
             if up.status >= 500:
-                text = (await _read_all(up, stall * 2))[:300].decode("utf-8", "replace")
+                text = (await up.read(stall * 2))[:300].decode("utf-8", "replace")
                 raise Retry(f"{replica.id} answered {up.status}: {text}")
             if up.status != 200 or not streamed:
-                data = await _read_all(up, whole_timeout)
+                data = await up.read(whole_timeout)
                 usage = ttft = None
                 if generates and up.status == 200:
                     usage, after_first = whole_answer(data)
@@ -187,25 +186,24 @@ class Proxy:
         except TimeoutError:
             replica.report_hang("stall", f"no byte from the engine for {stall:g}s")
             raise Retry(f"{replica.id} stalled: no byte for {stall:g}s", 504) from None
-        except aiohttp.ClientError as exc:
-            raise Retry(f"{replica.id}: {exc.__class__.__name__}: {exc}") from None
+        except UpstreamError as exc:
+            raise Retry(f"{replica.id}: {exc}") from None
         finally:
-            if up.content.at_eof():
+            if up.complete:
                 up.release()
             else:
                 up.close()  # the engine sees the disconnect and frees the slot
 
-    async def _post(self, url: str, body: dict[str, Any],
-                    first_byte: float | None) -> aiohttp.ClientResponse:
+    async def _post(self, url: str, body: dict[str, Any], first_byte: float | None) -> Response:
         """POST upstream; a pooled connection the engine already closed is retried fresh.
 
         The first byte may wait for prompt processing, so it gets `first_byte` seconds.
         """
+        data = dumps(body)
         for attempt in range(STALE_RETRIES + 1):
             try:
-                async with asyncio.timeout(first_byte):
-                    return await self.session.post(url, data=dumps(body), headers=JSON_HEADERS)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                return await self.upstream.post(url, data, timeout=first_byte)
+            except Disconnected:
                 # Nothing was generated: the engine closed an idle keep-alive socket (or is
                 # gone, and the next try is refused at once and fails over).
                 if attempt == STALE_RETRIES:
@@ -213,18 +211,18 @@ class Proxy:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _plain(up: aiohttp.ClientResponse, data: bytes) -> web.Response:
+    def _plain(up: Response, data: bytes) -> web.Response:
         return web.Response(body=data, status=up.status,
                             content_type=up.content_type or "application/json")
 
-    async def _aggregate(self, up: aiohttp.ClientResponse, kind: str, stall: float,
+    async def _aggregate(self, up: Response, kind: str, stall: float,
                          t0: float, lease: Lease) -> tuple[web.StreamResponse, Outcome]:
         replica_id = lease.replica.id
         loop = asyncio.get_running_loop()
         parser = SSEParser()
         agg = Aggregator(kind)
         ttft: float | None = None
-        while data := await _read_chunk(up, stall if ttft is not None else stall * 2):
+        while data := await up.read_chunk(stall if ttft is not None else stall * 2):
             if ttft is None:
                 ttft = loop.time() - t0
             for payload in parser.feed(data):
@@ -238,11 +236,11 @@ class Proxy:
             raise Retry(f"{replica_id} cut the stream before the end")
         return web.json_response(agg.result()), Outcome(200, agg.usage, ttft)
 
-    async def _stream(self, request: web.Request, lease: Lease, up: aiohttp.ClientResponse,
+    async def _stream(self, request: web.Request, lease: Lease, up: Response,
                       stall: float, t0: float) -> tuple[web.StreamResponse, Outcome]:
         replica = lease.replica
         loop = asyncio.get_running_loop()
-        first = await _read_chunk(up, stall * 2)
+        first = await up.read_chunk(stall * 2)
         if not first:
             raise Retry(f"{replica.id} closed the stream before the first byte")
         ttft = loop.time() - t0
@@ -251,15 +249,15 @@ class Proxy:
         await resp.write(first)
         tail = first[-TAIL_BYTES:]
         try:
-            while data := await _read_chunk(up, stall):
+            while data := await up.read_chunk(stall):
                 await resp.write(data)
                 tail = (tail + data)[-TAIL_BYTES:]
         except TimeoutError:
             replica.report_hang("stall", f"no byte from the engine for {stall:g}s")
             await self._break(resp, f"{replica.id} stalled mid-stream")
             return resp, Outcome(504, None, ttft)
-        except aiohttp.ClientError as exc:
-            await self._break(resp, f"{replica.id} failed mid-stream: {exc.__class__.__name__}")
+        except UpstreamError as exc:
+            await self._break(resp, f"{replica.id} failed mid-stream: {exc}")
             return resp, Outcome(502, None, ttft)
         if not tail.rstrip().endswith(b"[DONE]"):
             await self._break(resp, f"{replica.id} ended the stream early")
@@ -276,19 +274,6 @@ class Proxy:
             await resp.write_eof()
         except (ConnectionError, RuntimeError):
             pass
-
-
-async def _read_chunk(up: aiohttp.ClientResponse, timeout: float) -> bytes:
-    """The next bytes of the upstream body; TimeoutError after `timeout` of silence."""
-    async with asyncio.timeout(timeout):
-        return await up.content.readany()
-
-
-async def _read_all(up: aiohttp.ClientResponse, timeout: float | None) -> bytes:
-    if timeout is None:
-        return await up.read()
-    async with asyncio.timeout(timeout):
-        return await up.read()
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

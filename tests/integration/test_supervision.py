@@ -137,7 +137,8 @@ def test_llama_server_answers_a_whole_request_whole(daemon_factory: Any) -> None
     c = client(d)
     out = c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}],
                                     max_tokens=6)
-    assert out.choices[0].message.content.startswith("tok0")
+    content = out.choices[0].message.content
+    assert content is not None and content.startswith("tok0")
     assert out.usage is not None and out.usage.completion_tokens == 6
     with urllib.request.urlopen(d.url + "/metrics", timeout=5) as resp:
         families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
