@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import logging
@@ -160,8 +161,22 @@ async def completion(request: web.Request) -> web.StreamResponse:
     if sup.draining:
         return json_error(503, "the server is shutting down", code="shutting_down")
     kind = ROUTES[request.path if request.path in ROUTES else "/v1" + request.path]
+    limit = request.app[SERVER].body_timeout
     try:
-        body = parse_json_object(await request.read())
+        async with asyncio.timeout(limit):
+            raw = await request.read()
+    except TimeoutError:
+        slow = json_error(408, f"the request body did not arrive within {limit:g}s",
+                          code="request_timeout")
+        slow.force_close()
+        await slow.prepare(request)
+        await slow.write_eof()
+        # aiohttp would otherwise linger, reading the rest of the body for 10 s more.
+        if request.transport is not None:
+            request.transport.close()
+        return slow
+    try:
+        body = parse_json_object(raw)
     except ValueError as exc:
         return json_error(400, str(exc))
     name = body.get("model")

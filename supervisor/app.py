@@ -19,6 +19,7 @@ from .config import Config, load_config
 from .daemon import Prepared, Supervisor, prepare
 from .events import Event, Events
 from .gpus import Inventory
+from .listener import Listener
 from .metrics import Metrics
 from .ollama_residency import OllamaResidency
 from .openai_compat import Usage
@@ -31,7 +32,6 @@ from .watch import ConfigWatcher
 
 logger = logging.getLogger(__name__)
 
-IDLE_TIMEOUT_S = 30.0  # an idle client connection is closed after this
 
 
 @dataclass
@@ -128,13 +128,15 @@ class Daemon:
         app = build_app(sup, proxy, server, self.metrics, self.reload)
         # handler_cancellation: a client that goes away cancels its upstream request.
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                               keepalive_timeout=IDLE_TIMEOUT_S)
+                               keepalive_timeout=server.idle_timeout)
         await runner.setup()
+        assert runner.server is not None  # set by setup()
+        listener = Listener(runner.server, max_connections=server.max_connections,
+                            header_timeout=server.header_timeout)
         # aiohttp's default backlog (128) overflows when hundreds of clients connect at once.
-        site = web.TCPSite(runner, server.host, server.port, reuse_address=True,
-                           backlog=max(128, server.max_connections))
-        await site.start()
-        sites: list[web.BaseSite] = [site]
+        self.port = await listener.start(server.host, server.port,
+                                         backlog=max(128, server.max_connections))
+        sites: list[web.BaseSite] = []
         if server.admin_socket is not None:
             server.admin_socket.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
@@ -143,7 +145,6 @@ class Daemon:
             await unix.start()
             server.admin_socket.chmod(0o660)  # the service user and its group
             sites.append(unix)
-        self.port = _bound_port(site)
         logger.info("listening on http://%s:%d", server.host, self.port)
         sup.on_change.append(self.signals.changed.set)
         await sup.start()
@@ -162,6 +163,7 @@ class Daemon:
             logger.info("stopping: draining for up to %.0fs", server.drain_timeout)
             if watcher is not None:
                 watcher.stop()
+            await listener.stop()
             for s in sites:
                 await s.stop()
             await sup.shutdown(server.drain_timeout)
@@ -212,9 +214,3 @@ def _keep_server(config: Config, running: Config) -> Config:
     return replace(config, server=running.server)
 
 
-def _bound_port(site: web.TCPSite) -> int:
-    server = site._server  # aiohttp keeps the asyncio server here
-    sockets = getattr(server, "sockets", None)
-    if sockets:
-        return int(sockets[0].getsockname()[1])
-    return int(site._port)

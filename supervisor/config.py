@@ -96,6 +96,9 @@ class ServerConfig:
     drain_timeout: float = 30.0
     max_body_bytes: int = 8 * 1024 * 1024
     max_connections: int = 1024
+    header_timeout: float = 10.0  # a new connection's first request head must come in this
+    idle_timeout: float = 30.0  # a kept-alive connection waiting for its next request
+    body_timeout: float = 60.0  # the request body, once its head is in
     log_prompts: bool = False
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
@@ -513,6 +516,9 @@ _SERVER_SPEC: dict[str, Conv] = {
     "drain_timeout": _duration(allow_zero=True),
     "max_body_bytes": _size,
     "max_connections": _int(1),
+    "header_timeout": _duration(),
+    "idle_timeout": _duration(),
+    "body_timeout": _duration(),
     "log_prompts": _bool,
     "backoff_initial": _duration(),
     "backoff_max": _duration(),

@@ -163,6 +163,14 @@ def test_minimal_config_uses_defaults(base: Path) -> None:
     assert server.log_dir == base / "logs"
     assert server.cache_dir == REPO / "cache"
     assert server.max_body_bytes == 8 * 1024 * 1024
+    assert (server.header_timeout, server.idle_timeout, server.body_timeout) == (10, 30, 60)
+
+
+def test_connection_timeouts_parse(base: Path) -> None:
+    cfg = parse("server: {header_timeout: 500ms, idle_timeout: 2m, body_timeout: 5}\n"
+                + MINIMAL, base)
+    server = cfg.server
+    assert (server.header_timeout, server.idle_timeout, server.body_timeout) == (0.5, 120, 5)
 
 
 def test_defaults_merge(base: Path) -> None:
@@ -412,6 +420,8 @@ def test_model_value_errors(base: Path, line: str, message: str) -> None:
         ("max_body_bytes: 0", "server.max_body_bytes: expected a size in bytes (an integer, or "
                               "a string like '8MiB' or '8MB'), got 0"),
         ("log_prompts: 1", "server.log_prompts: expected true or false, got 1"),
+        ("header_timeout: 0", "server.header_timeout: expected a positive duration, got 0"),
+        ("body_timeout: -1", "server.body_timeout: expected a positive duration, got -1"),
         ("api_keys: abc", "server.api_keys: expected a list of strings, got 'abc'"),
         ("hf_endpoint: ftp://x", "server.hf_endpoint: expected an http:// or https:// URL, "
                                  "got 'ftp://x'"),
