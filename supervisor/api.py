@@ -163,8 +163,11 @@ async def completion(request: web.Request) -> web.StreamResponse:
     kind = ROUTES[request.path if request.path in ROUTES else "/v1" + request.path]
     limit = request.app[SERVER].body_timeout
     try:
-        async with asyncio.timeout(limit):
+        if request.content.is_eof():  # the usual case: the whole body came with the head
             raw = await request.read()
+        else:
+            async with asyncio.timeout(limit):
+                raw = await request.read()
     except TimeoutError:
         slow = json_error(408, f"the request body did not arrive within {limit:g}s",
                           code="request_timeout")
