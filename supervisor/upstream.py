@@ -292,6 +292,12 @@ class Upstream:
         if idle and conn in idle:
             idle.remove(conn)
 
+    async def __aenter__(self) -> Upstream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         """Close every connection, idle or busy."""
         for conn in [*self._busy, *(c for idle in self._idle.values() for c in idle)]:
