@@ -147,6 +147,17 @@ async def until_eof(reader: asyncio.StreamReader, server: RawServer) -> None:
     server.eofs += 1
 
 
+async def each_request(reader: asyncio.StreamReader, server: RawServer) -> AsyncIterator[bytes]:
+    """The body of every request until the client closes, whose close is counted."""
+    while True:
+        try:
+            _, body = await read_request(reader)
+        except asyncio.IncompleteReadError:
+            server.eofs += 1
+            return
+        yield body
+
+
 def answer(body: bytes, *headers: bytes, version: bytes = b"HTTP/1.1") -> bytes:
     lines = [version + b" 200 OK", b"Content-Type: text/plain; charset=utf-8",
              b"Content-Length: " + str(len(body)).encode(), *headers]
@@ -164,12 +175,52 @@ async def read_all(resp: Response) -> list[bytes]:
     return parts
 
 
+async def finish(resp: Response) -> tuple[int, bytes]:
+    """Read the answer to its end and release its connection: (status, body)."""
+    data = await resp.read(T)
+    resp.release()
+    return resp.status, data
+
+
+async def fetch(up: Upstream, url: str, body: bytes = b"{}",
+                content_type: bytes = b"application/json") -> tuple[int, bytes]:
+    """POST, then `finish` the answer."""
+    return await finish(await up.post(url, body, content_type=content_type, timeout=T))
+
+
 async def post_retrying_once(up: Upstream, url: str, body: bytes) -> Response:
     """What the proxy does: a Disconnected pooled socket is retried once, fresh."""
     try:
         return await up.post(url, body, timeout=T)
     except Disconnected:
         return await up.post(url, body, timeout=T)
+
+
+async def fails_but_not_disconnected(pending: Awaitable[object]) -> None:
+    """`pending` raises UpstreamError, and not Disconnected: the engine did answer."""
+    with pytest.raises(UpstreamError) as caught:
+        await pending
+    assert not isinstance(caught.value, Disconnected)
+
+
+def run_once(coro: Coroutine[Any, Any, None]) -> None:
+    """Like the `run` fixture, on a fresh stock asyncio loop, for the tests not run on both."""
+    asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def drive(run: Run, srv: RawServer, client: Callable[[Upstream], Awaitable[None]],
+          up: Upstream | None = None) -> None:
+    """Run `client` with an Upstream (closed after) while `srv` serves.
+
+    Tests call it as `drive(run, srv := RawServer(handler), talk)`: the handler and `talk`
+    reach the server through that `srv`.
+    """
+
+    async def go() -> None:
+        async with srv, (Upstream() if up is None else up) as upstream:
+            await client(upstream)
+
+    run(go())
 
 
 # ---- keep-alive and framing --------------------------------------------------------------------
@@ -186,20 +237,16 @@ def test_content_length_json_answer_and_connection_reuse(run: Run) -> None:
         return web.json_response({"n": len(peers.ports), "echo": body.decode()})
 
     async def go() -> None:
-        async with http_server(("/v1/x", handler)) as base:
-            up = Upstream()
-            try:
-                for n in (1, 2, 3):
-                    resp = await up.post(base + "/v1/x?a=1", b'{"q": %d}' % n, timeout=T)
-                    assert resp.status == 200
-                    assert resp.content_type == "application/json"  # charset stripped
-                    body = await resp.read(T)
-                    assert json.loads(body) == {"n": n, "echo": f'{{"q": {n}}}'}
-                    assert resp.complete
-                    assert await resp.read_chunk(T) == b""
-                    resp.release()
-            finally:
-                await up.close()
+        async with http_server(("/v1/x", handler)) as base, Upstream() as up:
+            for n in (1, 2, 3):
+                resp = await up.post(base + "/v1/x?a=1", b'{"q": %d}' % n, timeout=T)
+                assert resp.status == 200
+                assert resp.content_type == "application/json"  # charset stripped
+                body = await resp.read(T)
+                assert json.loads(body) == {"n": n, "echo": f'{{"q": {n}}}'}
+                assert resp.complete
+                assert await resp.read_chunk(T) == b""
+                resp.release()
         assert seen == [("POST", "/v1/x?a=1", b'{"q": %d}' % n, "application/json")
                         for n in (1, 2, 3)]
         assert len(peers.ports) == 3
@@ -219,33 +266,23 @@ def test_request_framing_seen_by_the_server(run: Run) -> None:
             writer.write(answer(b"ok"))
             await writer.drain()
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url + "?k=v", big, content_type=b"text/plain", timeout=T)
-                assert await resp.read(T) == b"ok"
-                resp.release()
-                resp = await up.post(srv.url, b"", timeout=T)
-                assert await resp.read(T) == b"ok"
-                resp.release()
-            finally:
-                await up.close()
-            assert srv.accepted == 1
-        (head1, body1), (head2, body2) = got
-        lines = head1.split(b"\r\n")
-        assert lines[0] == b"POST /v1/x?k=v HTTP/1.1"
-        assert b"Host: 127.0.0.1:%d" % srv.port in lines
-        assert b"Content-Type: text/plain" in lines
-        assert b"Content-Length: 1048576" in lines
-        assert body1 == big
-        assert head2.split(b"\r\n")[0] == b"POST /v1/x HTTP/1.1"
-        assert b"Content-Type: application/json" in head2.split(b"\r\n")
-        assert b"Content-Length: 0" in head2.split(b"\r\n")
-        assert body2 == b""
+    async def talk(up: Upstream) -> None:
+        assert await fetch(up, srv.url + "?k=v", big, content_type=b"text/plain") == (200, b"ok")
+        assert await fetch(up, srv.url, b"") == (200, b"ok")
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 1
+    (head1, body1), (head2, body2) = got
+    lines = head1.split(b"\r\n")
+    assert lines[0] == b"POST /v1/x?k=v HTTP/1.1"
+    assert b"Host: 127.0.0.1:%d" % srv.port in lines
+    assert b"Content-Type: text/plain" in lines
+    assert b"Content-Length: 1048576" in lines
+    assert body1 == big
+    assert head2.split(b"\r\n")[0] == b"POST /v1/x HTTP/1.1"
+    assert b"Content-Type: application/json" in head2.split(b"\r\n")
+    assert b"Content-Length: 0" in head2.split(b"\r\n")
+    assert body2 == b""
 
 
 def test_error_status_and_empty_body_keep_the_connection(run: Run) -> None:
@@ -262,24 +299,17 @@ def test_error_status_and_empty_body_keep_the_connection(run: Run) -> None:
         return web.Response(body=b"", content_type="text/plain")
 
     async def go() -> None:
-        async with http_server(("/fail", fail), ("/empty", empty)) as base:
-            up = Upstream()
-            try:
-                resp = await up.post(base + "/fail", b"{}", timeout=T)
-                assert resp.status == 503
-                assert json.loads(await resp.read(T)) == {"error": "busy"}
-                resp.release()
-                resp = await up.post(base + "/empty", b"{}", timeout=T)
-                assert (resp.status, resp.content_type) == (200, "text/plain")
-                assert await resp.read_chunk(T) == b""
-                assert resp.complete
-                resp.release()
-                resp = await up.post(base + "/fail", b"{}", timeout=T)
-                assert resp.status == 503
-                await resp.read(T)
-                resp.release()
-            finally:
-                await up.close()
+        async with http_server(("/fail", fail), ("/empty", empty)) as base, Upstream() as up:
+            status, body = await fetch(up, base + "/fail")
+            assert status == 503
+            assert json.loads(body) == {"error": "busy"}
+            resp = await up.post(base + "/empty", b"{}", timeout=T)
+            assert (resp.status, resp.content_type) == (200, "text/plain")
+            assert await resp.read_chunk(T) == b""
+            assert resp.complete
+            resp.release()
+            status, _ = await fetch(up, base + "/fail")
+            assert status == 503
         assert len(peers.ports) == 3
         assert peers.connections == 1, peers.ports
 
@@ -306,24 +336,20 @@ def test_chunked_stream_is_relayed_piece_by_piece_then_reused(run: Run) -> None:
             done.set()
             return resp
 
-        async with http_server(("/s", stream)) as base:
-            up = Upstream()
-            try:
-                for _ in range(2):
-                    done.clear()
-                    resp = await up.post(base + "/s", b"{}", timeout=T)
-                    assert (resp.status, resp.content_type) == (200, "text/event-stream")
-                    got = [await resp.read_chunk(T)]
-                    assert not done.is_set(), "the first piece waited for the whole answer"
-                    assert not resp.complete
-                    got += await read_all(resp)
-                    assert b"".join(got) == b"".join(pieces)
-                    assert len(got) >= 3, f"pieces were not relayed as they came: {got}"
-                    assert await resp.read_chunk(T) == b""
-                    assert resp.complete
-                    resp.release()
-            finally:
-                await up.close()
+        async with http_server(("/s", stream)) as base, Upstream() as up:
+            for _ in range(2):
+                done.clear()
+                resp = await up.post(base + "/s", b"{}", timeout=T)
+                assert (resp.status, resp.content_type) == (200, "text/event-stream")
+                got = [await resp.read_chunk(T)]
+                assert not done.is_set(), "the first piece waited for the whole answer"
+                assert not resp.complete
+                got += await read_all(resp)
+                assert b"".join(got) == b"".join(pieces)
+                assert len(got) >= 3, f"pieces were not relayed as they came: {got}"
+                assert await resp.read_chunk(T) == b""
+                assert resp.complete
+                resp.release()
         assert len(peers.ports) == 2
         assert peers.connections == 1, peers.ports
 
@@ -341,15 +367,9 @@ def test_connection_close_answer_is_not_reused(run: Run) -> None:
         return resp
 
     async def go() -> None:
-        async with http_server(("/c", handler)) as base:
-            up = Upstream()
-            try:
-                for _ in range(2):
-                    resp = await up.post(base + "/c", b"{}", timeout=T)
-                    assert await resp.read(T) == b"bye"
-                    resp.release()
-            finally:
-                await up.close()
+        async with http_server(("/c", handler)) as base, Upstream() as up:
+            for _ in range(2):
+                assert await fetch(up, base + "/c") == (200, b"bye")
         assert len(peers.ports) == 2
         assert peers.connections == 2, peers.ports
 
@@ -368,32 +388,19 @@ def test_keep_alive_is_decided_by_the_answer_not_by_the_server_closing(
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         n = 0
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                srv.eofs += 1
-                return
+        async for _ in each_request(reader, srv):
             n += 1
             writer.write(answer(b"reply %d" % n, *headers, version=version))
             await writer.drain()
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                for n in (1, 2):
-                    resp = await up.post(srv.url, b"{}", timeout=T)
-                    assert await resp.read(T) == b"reply %d" % (n if reused else 1)
-                    resp.release()
-                if not reused:
-                    await srv.wait_eofs(1)  # the client dropped the first socket itself
-            finally:
-                await up.close()
-            assert srv.accepted == (1 if reused else 2)
+    async def talk(up: Upstream) -> None:
+        for n in (1, 2):
+            assert await fetch(up, srv.url) == (200, b"reply %d" % (n if reused else 1))
+        if not reused:
+            await srv.wait_eofs(1)  # the client dropped the first socket itself
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == (1 if reused else 2)
 
 
 def test_body_delimited_by_connection_close_is_read_whole(run: Run) -> None:
@@ -409,22 +416,16 @@ def test_body_delimited_by_connection_close_is_read_whole(run: Run) -> None:
         await writer.drain()
         writer.close()
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                for _ in range(2):
-                    resp = await up.post(srv.url, b"{}", timeout=T)
-                    assert (resp.status, resp.content_type) == (200, "text/plain")
-                    assert await resp.read(T) == body
-                    assert resp.complete
-                    resp.release()
-            finally:
-                await up.close()
-            assert srv.accepted == 2
+    async def talk(up: Upstream) -> None:
+        for _ in range(2):
+            resp = await up.post(srv.url, b"{}", timeout=T)
+            assert (resp.status, resp.content_type) == (200, "text/plain")
+            assert await resp.read(T) == body
+            assert resp.complete
+            resp.release()
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 2
 
 
 def test_answer_in_tiny_segments(run: Run) -> None:
@@ -439,21 +440,15 @@ def test_answer_in_tiny_segments(run: Run) -> None:
                 await writer.drain()
                 await asyncio.sleep(0.0005)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                for _ in range(2):
-                    resp = await up.post(srv.url, b"{}", timeout=T)
-                    assert (resp.status, resp.content_type) == (201, "application/x-ndjson")
-                    assert await resp.read(T) == b'{"a":1}\n{"b":2}\n'
-                    resp.release()
-            finally:
-                await up.close()
-            assert srv.accepted == 1
+    async def talk(up: Upstream) -> None:
+        for _ in range(2):
+            resp = await up.post(srv.url, b"{}", timeout=T)
+            assert (resp.status, resp.content_type) == (201, "application/x-ndjson")
+            assert await resp.read(T) == b'{"a":1}\n{"b":2}\n'
+            resp.release()
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 1
 
 
 # ---- engines that go away ----------------------------------------------------------------------
@@ -465,18 +460,12 @@ def test_close_without_answer_is_disconnected(run: Run, read_first: bool) -> Non
         if read_first:
             await read_request(reader)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                with pytest.raises(Disconnected):
-                    await up.post(srv.url, b"{}", timeout=T)
-            finally:
-                await up.close()
-            assert srv.accepted == 1
+    async def talk(up: Upstream) -> None:
+        with pytest.raises(Disconnected):
+            await up.post(srv.url, b"{}", timeout=T)
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 1
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
@@ -490,29 +479,19 @@ def test_truncated_body_is_upstream_error_not_disconnected(run: Run, framing: st
                          + b"28\r\n" + b"x" * 40 + b"\r\n")
         await writer.drain()
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert resp.status == 200
-                with pytest.raises(UpstreamError) as caught:
-                    await resp.read(T)
-                assert not isinstance(caught.value, Disconnected)
-                assert not resp.complete
-                resp.release()  # an incomplete answer is dropped, not pooled
-                resp2 = await up.post(srv.url, b"{}", timeout=T)
-                assert await resp2.read_chunk(T) == b"x" * 40  # what came is still relayed
-                with pytest.raises(UpstreamError) as caught:
-                    await resp2.read_chunk(T)
-                assert not isinstance(caught.value, Disconnected)
-                resp2.close()
-            finally:
-                await up.close()
-            assert srv.accepted == 2
+    async def talk(up: Upstream) -> None:
+        resp = await up.post(srv.url, b"{}", timeout=T)
+        assert resp.status == 200
+        await fails_but_not_disconnected(resp.read(T))
+        assert not resp.complete
+        resp.release()  # an incomplete answer is dropped, not pooled
+        resp2 = await up.post(srv.url, b"{}", timeout=T)
+        assert await resp2.read_chunk(T) == b"x" * 40  # what came is still relayed
+        await fails_but_not_disconnected(resp2.read_chunk(T))
+        resp2.close()
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 2
 
 
 def test_pooled_connection_closed_while_idle_is_not_used(run: Run) -> None:
@@ -522,24 +501,13 @@ def test_pooled_connection_closed_while_idle_is_not_used(run: Run) -> None:
         await writer.drain()
         await asyncio.sleep(0.05)  # the engine's idle timeout, much shortened
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert await resp.read(T) == b"answer 1"
-                resp.release()
-                await asyncio.sleep(0.2)  # the server has closed the idle socket
-                resp = await post_retrying_once(up, srv.url, b"{}")
-                assert resp.status == 200
-                assert await resp.read(T) == b"answer 2"
-                resp.release()
-            finally:
-                await up.close()
-            assert srv.accepted == 2
+    async def talk(up: Upstream) -> None:
+        assert await fetch(up, srv.url) == (200, b"answer 1")
+        await asyncio.sleep(0.2)  # the server has closed the idle socket
+        assert await finish(await post_retrying_once(up, srv.url, b"{}")) == (200, b"answer 2")
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 2
 
 
 def test_pooled_connection_closed_just_before_reuse_fails_fast(run: Run) -> None:
@@ -552,30 +520,20 @@ def test_pooled_connection_closed_just_before_reuse_fails_fast(run: Run) -> None
             writer.write(answer(b"answer %d" % n))
             await writer.drain()
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert await resp.read(T) == b"answer 1"
-                resp.release()
-                await asyncio.sleep(0.02)
-                srv.writers[0].transport.abort()  # the client has not seen it yet
-                outcome = "reused"
-                try:
-                    resp = await up.post(srv.url, b"{}", timeout=T)
-                except Disconnected:
-                    outcome = "disconnected"
-                    resp = await up.post(srv.url, b"{}", timeout=T)
-                assert resp.status == 200
-                assert await resp.read(T) == b"answer 2", outcome
-                resp.release()
-            finally:
-                await up.close()
-            assert srv.accepted == 2
+    async def talk(up: Upstream) -> None:
+        assert await fetch(up, srv.url) == (200, b"answer 1")
+        await asyncio.sleep(0.02)
+        srv.writers[0].transport.abort()  # the client has not seen it yet
+        outcome = "reused"
+        try:
+            resp = await up.post(srv.url, b"{}", timeout=T)
+        except Disconnected:
+            outcome = "disconnected"
+            resp = await up.post(srv.url, b"{}", timeout=T)
+        assert await finish(resp) == (200, b"answer 2"), outcome
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 2
 
 
 # ---- timeouts ----------------------------------------------------------------------------------
@@ -588,24 +546,18 @@ def test_read_chunk_times_out_on_silence(run: Run) -> None:
         await writer.drain()
         await until_eof(reader, srv)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                loop = asyncio.get_running_loop()
-                started = loop.time()
-                with pytest.raises(TimeoutError):
-                    await resp.read_chunk(0.2)
-                took = loop.time() - started
-                assert 0.15 <= took < 1.0, took
-                resp.release()  # not complete: dropped
-                await srv.wait_eofs(1)
-            finally:
-                await up.close()
+    async def talk(up: Upstream) -> None:
+        resp = await up.post(srv.url, b"{}", timeout=T)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await resp.read_chunk(0.2)
+        took = loop.time() - started
+        assert 0.15 <= took < 1.0, took
+        resp.release()  # not complete: dropped
+        await srv.wait_eofs(1)
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
 
 
 def test_post_timeout_closes_the_socket(run: Run) -> None:
@@ -613,22 +565,16 @@ def test_post_timeout_closes_the_socket(run: Run) -> None:
         await read_request(reader)
         await until_eof(reader, srv)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                loop = asyncio.get_running_loop()
-                started = loop.time()
-                with pytest.raises(TimeoutError):
-                    await up.post(srv.url, b"{}", timeout=0.2)
-                assert loop.time() - started < 1.0
-                await srv.wait_eofs(1, timeout=1.0)
-                assert not up._busy and not any(up._idle.values())
-            finally:
-                await up.close()
+    async def talk(up: Upstream) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await up.post(srv.url, b"{}", timeout=0.2)
+        assert loop.time() - started < 1.0
+        await srv.wait_eofs(1, timeout=1.0)
+        assert not up._busy and not any(up._idle.values())
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
 
 
 # ---- backpressure and closing ------------------------------------------------------------------
@@ -649,31 +595,25 @@ def test_backpressure_bounds_what_is_buffered(run: Run, framing: str) -> None:
         await writer.drain()
         await until_eof(reader, srv)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                await asyncio.sleep(0.3)  # a slow client
-                conn = resp._conn
-                assert conn.paused
-                assert HIGH_WATER < conn.buffered <= HIGH_WATER + READ_SLACK, conn.buffered
-                got = bytearray()
-                biggest = 0
-                while data := await resp.read_chunk(T):
-                    biggest = max(biggest, len(data))
-                    got += data
-                    await asyncio.sleep(0.01)
-                assert biggest <= HIGH_WATER + READ_SLACK, biggest
-                assert len(got) == len(body)
-                assert got == body
-                assert resp.complete and not conn.paused
-                resp.release()
-            finally:
-                await up.close()
+    async def talk(up: Upstream) -> None:
+        resp = await up.post(srv.url, b"{}", timeout=T)
+        await asyncio.sleep(0.3)  # a slow client
+        conn = resp._conn
+        assert conn.paused
+        assert HIGH_WATER < conn.buffered <= HIGH_WATER + READ_SLACK, conn.buffered
+        got = bytearray()
+        biggest = 0
+        while data := await resp.read_chunk(T):
+            biggest = max(biggest, len(data))
+            got += data
+            await asyncio.sleep(0.01)
+        assert biggest <= HIGH_WATER + READ_SLACK, biggest
+        assert len(got) == len(body)
+        assert got == body
+        assert resp.complete and not conn.paused
+        resp.release()
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
 
 
 def test_close_mid_answer_is_seen_by_the_engine(run: Run) -> None:
@@ -699,20 +639,15 @@ def test_close_mid_answer_is_seen_by_the_engine(run: Run) -> None:
             peers.see(request)
             return web.Response(body=await request.read())
 
-        async with http_server(("/endless", endless), ("/once", once)) as base:
-            up = Upstream()
-            try:
-                resp = await up.post(base + "/endless", b"{}", timeout=T)
-                assert (await resp.read_chunk(T)).startswith(b"data: tick")
-                resp.close()
-                async with asyncio.timeout(1.0):
-                    await gone.wait()
-                resp.release()  # after close: a no-op, never pooled
-                resp = await up.post(base + "/once", b"fresh", timeout=T)
-                assert await resp.read(T) == b"fresh"
-                resp.release()
-            finally:
-                await up.close()
+        async with (http_server(("/endless", endless), ("/once", once)) as base,
+                    Upstream() as up):
+            resp = await up.post(base + "/endless", b"{}", timeout=T)
+            assert (await resp.read_chunk(T)).startswith(b"data: tick")
+            resp.close()
+            async with asyncio.timeout(1.0):
+                await gone.wait()
+            resp.release()  # after close: a no-op, never pooled
+            assert await fetch(up, base + "/once", b"fresh") == (200, b"fresh")
         assert peers.connections == 2, peers.ports
 
     run(go())
@@ -728,22 +663,17 @@ def test_upstream_close_drops_idle_and_busy_connections(run: Run) -> None:
         await writer.drain()
         await until_eof(reader, srv)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            busy = await up.post(srv.url.replace("/v1/x", "/slow"), b"{}", timeout=T)
-            assert await busy.read_chunk(T) == b"partial"
-            idle = await up.post(srv.url, b"{}", timeout=T)
-            assert await idle.read(T) == b"whole"
-            idle.release()
-            assert srv.accepted == 2
-            await up.close()
-            await srv.wait_eofs(2, timeout=1.0)
-            with pytest.raises(UpstreamError):
-                await busy.read(T)
+    async def talk(up: Upstream) -> None:
+        busy = await up.post(srv.url.replace("/v1/x", "/slow"), b"{}", timeout=T)
+        assert await busy.read_chunk(T) == b"partial"
+        assert await fetch(up, srv.url) == (200, b"whole")  # and pooled idle
+        assert srv.accepted == 2
+        await up.close()
+        await srv.wait_eofs(2, timeout=1.0)
+        with pytest.raises(UpstreamError):
+            await busy.read(T)
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
 
 
 def test_release_before_the_end_drops_the_connection(run: Run) -> None:
@@ -757,24 +687,15 @@ def test_release_before_the_end_drops_the_connection(run: Run) -> None:
             writer.write(whole[-99_000:])
             await writer.drain()
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert await resp.read_chunk(T) == b"y" * 1000
-                assert not resp.complete
-                resp.release()  # read partly: the rest must not leak into the next answer
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert resp.status == 200
-                assert await resp.read(T) == b"y" * 100_000
-                resp.release()
-            finally:
-                await up.close()
-            assert srv.accepted == 2
+    async def talk(up: Upstream) -> None:
+        resp = await up.post(srv.url, b"{}", timeout=T)
+        assert await resp.read_chunk(T) == b"y" * 1000
+        assert not resp.complete
+        resp.release()  # read partly: the rest must not leak into the next answer
+        assert await fetch(up, srv.url) == (200, b"y" * 100_000)
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 2
 
 
 def test_unsolicited_bytes_on_an_idle_connection_drop_it(run: Run) -> None:
@@ -788,24 +709,14 @@ def test_unsolicited_bytes_on_an_idle_connection_drop_it(run: Run) -> None:
         await writer.drain()
         await until_eof(reader, srv)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert await resp.read(T) == b"conn 1"
-                resp.release()
-                await asyncio.sleep(0.2)
-                await srv.wait_eofs(1)  # the client dropped the socket that spoke out of turn
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert await resp.read(T) == b"conn 2"
-                resp.release()
-            finally:
-                await up.close()
-            assert srv.accepted == 2
+    async def talk(up: Upstream) -> None:
+        assert await fetch(up, srv.url) == (200, b"conn 1")
+        await asyncio.sleep(0.2)
+        await srv.wait_eofs(1)  # the client dropped the socket that spoke out of turn
+        assert await fetch(up, srv.url) == (200, b"conn 2")
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 2
 
 
 def test_concurrent_posts_open_separate_connections_then_share_the_pool(run: Run) -> None:
@@ -818,22 +729,16 @@ def test_concurrent_posts_open_separate_connections_then_share_the_pool(run: Run
         return web.Response(body=body)
 
     async def go() -> None:
-        async with http_server(("/slow", slow)) as base:
-            up = Upstream()
+        async with http_server(("/slow", slow)) as base, Upstream() as up:
 
             async def one(i: int) -> None:
-                resp = await up.post(base + "/slow", b"%d" % i, timeout=T)
-                assert await resp.read(T) == b"%d" % i
-                resp.release()
+                assert await fetch(up, base + "/slow", b"%d" % i) == (200, b"%d" % i)
 
-            try:
-                await asyncio.gather(one(1), one(2))
-                assert peers.connections == 2
-                await one(3)
-                await one(4)
-                await asyncio.gather(one(5), one(6))
-            finally:
-                await up.close()
+            await asyncio.gather(one(1), one(2))
+            assert peers.connections == 2
+            await one(3)
+            await one(4)
+            await asyncio.gather(one(5), one(6))
         assert len(peers.ports) == 6
         assert peers.connections == 2, peers.ports
 
@@ -855,19 +760,11 @@ def test_malformed_answer_is_upstream_error(run: Run, wire: bytes) -> None:
         await writer.drain()
         await until_eof(reader, srv)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                with pytest.raises(UpstreamError) as caught:
-                    await up.post(srv.url, b"{}", timeout=T)
-                assert not isinstance(caught.value, Disconnected)
-                await srv.wait_eofs(1, timeout=1.0)  # and the socket is dropped
-            finally:
-                await up.close()
+    async def talk(up: Upstream) -> None:
+        await fails_but_not_disconnected(up.post(srv.url, b"{}", timeout=T))
+        await srv.wait_eofs(1, timeout=1.0)  # and the socket is dropped
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
 
 
 def test_malformed_chunk_mid_body_is_upstream_error_and_not_pooled(run: Run) -> None:
@@ -882,26 +779,16 @@ def test_malformed_chunk_mid_body_is_upstream_error_and_not_pooled(run: Run) -> 
         await writer.drain()
         await until_eof(reader, srv)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert resp.status == 200
-                with pytest.raises(UpstreamError) as caught:
-                    await resp.read(T)
-                assert not isinstance(caught.value, Disconnected)
-                resp.release()
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert await resp.read(T) == b"good"
-                resp.release()
-                await srv.wait_eofs(1)
-            finally:
-                await up.close()
-            assert srv.accepted == 2
+    async def talk(up: Upstream) -> None:
+        resp = await up.post(srv.url, b"{}", timeout=T)
+        assert resp.status == 200
+        await fails_but_not_disconnected(resp.read(T))
+        resp.release()
+        assert await fetch(up, srv.url) == (200, b"good")
+        await srv.wait_eofs(1)
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk)
+    assert srv.accepted == 2
 
 
 @pytest.mark.parametrize("url", [
@@ -913,12 +800,11 @@ def test_malformed_chunk_mid_body_is_upstream_error_and_not_pooled(run: Run) -> 
 ])
 def test_non_http_urls_are_rejected(run: Run, url: str) -> None:
     async def go() -> None:
-        up = Upstream()
-        with pytest.raises(UpstreamError):
-            up._target(url)
-        with pytest.raises(UpstreamError):
-            await up.post(url, b"{}", timeout=T)
-        await up.close()
+        async with Upstream() as up:
+            with pytest.raises(UpstreamError):
+                up._target(url)
+            with pytest.raises(UpstreamError):
+                await up.post(url, b"{}", timeout=T)
 
     run(go())
 
@@ -928,12 +814,11 @@ def test_bad_port_in_url_is_upstream_error(url: str) -> None:
     """post() promises UpstreamError for a target it cannot use, not urllib's ValueError."""
 
     async def go() -> None:
-        up = Upstream()
-        with pytest.raises(UpstreamError):
-            await up.post(url, b"{}", timeout=T)
-        await up.close()
+        async with Upstream() as up:
+            with pytest.raises(UpstreamError):
+                await up.post(url, b"{}", timeout=T)
 
-    asyncio.run(asyncio.wait_for(go(), 10))
+    run_once(go())
 
 
 def test_interim_1xx_answer_is_not_taken_for_the_final_one() -> None:
@@ -949,18 +834,12 @@ def test_interim_1xx_answer_is_not_taken_for_the_final_one() -> None:
         await writer.drain()
         await until_eof(reader, srv)
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream()
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert (resp.status, resp.content_type) == (200, "text/plain")
-                assert await resp.read(T) == b"hello"
-            finally:
-                await up.close()
+    async def talk(up: Upstream) -> None:
+        resp = await up.post(srv.url, b"{}", timeout=T)
+        assert (resp.status, resp.content_type) == (200, "text/plain")
+        assert await resp.read(T) == b"hello"
 
-    srv = RawServer(handler)
-    asyncio.run(asyncio.wait_for(go(), 10))
+    drive(run_once, srv := RawServer(handler), talk)
 
 
 def test_target_is_parsed_once_with_default_port_and_query() -> None:
@@ -978,47 +857,27 @@ def test_connection_refused_is_upstream_error(run: Run) -> None:
         port = s.getsockname()[1]  # closed again: nothing listens there
 
     async def go() -> None:
-        up = Upstream()
-        try:
+        async with Upstream() as up:
             with pytest.raises(UpstreamError) as caught:
                 await up.post(f"http://127.0.0.1:{port}/v1/x", b"{}", timeout=T)
             assert str(port) in str(caught.value)
-        finally:
-            await up.close()
 
     run(go())
 
 
 def test_expired_idle_connection_is_not_reused(run: Run) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                srv.eofs += 1
-                return
+        async for _ in each_request(reader, srv):
             writer.write(answer(b"ok"))
             await writer.drain()
 
-    async def go() -> None:
-        async with srv:
-            up = Upstream(keepalive=0.05)
-            try:
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert await resp.read(T) == b"ok"
-                resp.release()
-                resp = await up.post(srv.url, b"{}", timeout=T)  # within the window: reused
-                assert await resp.read(T) == b"ok"
-                resp.release()
-                assert srv.accepted == 1
-                await asyncio.sleep(0.1)
-                resp = await up.post(srv.url, b"{}", timeout=T)
-                assert await resp.read(T) == b"ok"
-                resp.release()
-                assert srv.accepted == 2
-                await srv.wait_eofs(1)  # and the expired one was closed, not leaked
-            finally:
-                await up.close()
+    async def talk(up: Upstream) -> None:
+        assert await fetch(up, srv.url) == (200, b"ok")
+        assert await fetch(up, srv.url) == (200, b"ok")  # within the window: reused
+        assert srv.accepted == 1
+        await asyncio.sleep(0.1)
+        assert await fetch(up, srv.url) == (200, b"ok")
+        assert srv.accepted == 2
+        await srv.wait_eofs(1)  # and the expired one was closed, not leaked
 
-    srv = RawServer(handler)
-    run(go())
+    drive(run, srv := RawServer(handler), talk, Upstream(keepalive=0.05))
