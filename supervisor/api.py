@@ -169,6 +169,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
             async with asyncio.timeout(limit):
                 raw = await request.read()
     except TimeoutError:
+        logger.info("closed a connection whose request body did not arrive within %gs", limit)
         slow = json_error(408, f"the request body did not arrive within {limit:g}s",
                           code="request_timeout")
         slow.force_close()

@@ -136,6 +136,7 @@ class Daemon:
         # aiohttp's default backlog (128) overflows when hundreds of clients connect at once.
         self.port = await listener.start(server.host, server.port,
                                          backlog=max(128, server.max_connections))
+        sup.connection_stats = listener.stats
         sites: list[web.BaseSite] = []
         if server.admin_socket is not None:
             server.admin_socket.parent.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,8 @@ class Supervisor:
         self.loaded_at = time.time()
         self.reload_error: str | None = None
         self.draining = False
+        # Client connection counts from the listener (an edge module), set once it listens.
+        self.connection_stats: Callable[[], dict[str, int]] | None = None
         self.on_change: list[Callable[[], None]] = []
         self._reload_lock = asyncio.Lock()
 
@@ -215,6 +217,7 @@ class Supervisor:
                        "loaded_at": self.loaded_at, "reload_error": self.reload_error},
             "gpus": gpu_stats() if inv.gpus and not inv.simulated else [],
             "cpus": len(inv.cpus),
+            "connections": self.connection_stats() if self.connection_stats else None,
             "models": [pool.snapshot() for pool in self.pools.values()],
             "replicas": [r.snapshot() for r in self.replicas.values()],
             "events": [e.to_json() for e in self.events.latest(50)],

@@ -125,6 +125,10 @@ class Listener:
         self.timed_out = 0
         self._server: asyncio.Server | None = None
 
+    def stats(self) -> dict[str, int]:
+        """Open connections now, and those refused or timed out since the start."""
+        return {"open": self.open, "refused": self.refused, "head_timeouts": self.timed_out}
+
     async def start(self, host: str, port: int, backlog: int) -> int:
         """Listen on host:port; returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()

@@ -67,6 +67,7 @@ class StatusCollector(Collector):
             logger.warning("failed to read status for metrics", exc_info=True)
             return
         yield from _daemon_families(status)
+        yield from _connection_families(status.get("connections") or {})
         yield from _replica_families(status.get("replicas") or [])
         yield from _model_families(status.get("models") or [])
         yield from _gpu_families(status.get("gpus") or [])
@@ -82,6 +83,23 @@ def _daemon_families(status: Mapping[str, Any]) -> Iterator[Metric]:
         value = _number(status.get(key))
         if value is not None:
             family = GaugeMetricFamily(PREFIX + name, doc)
+            family.add_metric([], value)
+            yield family
+
+
+def _connection_families(conns: Mapping[str, Any]) -> Iterator[Metric]:
+    """Client connections: open now; refused and timed out since the start."""
+    for key, name, doc, kind in (
+        ("open", "client_connections", "Open client connections", GaugeMetricFamily),
+        ("refused", "client_connections_refused",
+         "Client connections refused past server.max_connections", CounterMetricFamily),
+        ("head_timeouts", "client_header_timeouts",
+         "Client connections closed for no request head within server.header_timeout",
+         CounterMetricFamily),
+    ):
+        value = _number(conns.get(key))
+        if value is not None:
+            family = kind(PREFIX + name, doc)
             family.add_metric([], value)
             yield family
 

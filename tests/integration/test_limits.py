@@ -46,6 +46,12 @@ def chat_ok(d: DaemonProc) -> bool:
         return resp.status == 200 and bool(json.loads(resp.read())["choices"])
 
 
+def connections(d: DaemonProc) -> dict[str, int]:
+    with urllib.request.urlopen(d.url + "/status", timeout=10) as resp:
+        conns: dict[str, int] = json.loads(resp.read())["connections"]
+    return conns
+
+
 def read_answer(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
     """Status and JSON body of an answer after which the daemon closes the connection.
 
@@ -76,6 +82,7 @@ def test_a_head_that_never_completes_gets_408_and_others_are_served(daemon: Daem
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert 0.4 <= waited < 4.0
     assert chat_ok(daemon)
+    assert connections(daemon)["head_timeouts"] == 1
 
 
 def test_a_connection_that_sends_nothing_is_closed_too(daemon: DaemonProc) -> None:
@@ -126,3 +133,9 @@ def test_connections_past_the_limit_are_refused_with_503(daemon: DaemonProc) -> 
         s.close()
     time.sleep(0.1)  # the daemon saw them go
     assert chat_ok(daemon)
+    conns = connections(daemon)
+    assert conns["refused"] == 1
+    assert 1 <= conns["open"] <= 2  # this /status request (and chat_ok's, if not yet gone)
+    with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert "llm_supervisor_client_connections_refused_total 1.0" in text

@@ -112,6 +112,9 @@ def test_status_gauges_from_provider() -> None:
     assert value(found, "llm_supervisor_ready") == 1
     assert value(found, "llm_supervisor_draining") == 0
     assert value(found, "llm_supervisor_uptime_seconds") == 3725.4
+    assert value(found, "llm_supervisor_client_connections") == 3
+    assert value(found, "llm_supervisor_client_connections_refused_total") == 2
+    assert value(found, "llm_supervisor_client_header_timeouts_total") == 5
 
     r0 = {"replica": "gemma3-270m/0", "model": "gemma3-270m"}
     assert value(found, "llm_supervisor_replica_in_flight", **r0) == 2
@@ -183,8 +186,11 @@ def test_provider_errors_do_not_break_the_scrape(caplog: pytest.LogCaptureFixtur
 def test_set_provider_later() -> None:
     m = Metrics()
     assert "llm_supervisor_ready" not in {k[0] for k in samples(m)}
-    m.set_provider(lambda: {"ready": False, "uptime_s": 1.0})
-    assert value(samples(m), "llm_supervisor_ready") == 0
+    m.set_provider(lambda: {"ready": False, "uptime_s": 1.0, "connections": None})
+    found = samples(m)
+    assert value(found, "llm_supervisor_ready") == 0
+    # not listening yet: no connection samples rather than zeros
+    assert not any(name.startswith("llm_supervisor_client_") for name, _ in found)
 
 
 def test_private_registry() -> None:
