@@ -33,7 +33,6 @@ from .watch import ConfigWatcher
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Signals:
     """What the signal handlers recorded; the loop acts on it."""
@@ -213,5 +212,3 @@ def _keep_server(config: Config, running: Config) -> Config:
     from dataclasses import replace
 
     return replace(config, server=running.server)
-
-

@@ -205,7 +205,7 @@ class Proxy:
                 return await self.upstream.post(url, data, timeout=first_byte)
             except Disconnected:
                 # Nothing was generated: the engine closed an idle keep-alive socket (or is
-                # gone, and the next try is refused at once and fails over).
+                # gone, and the next try is refused at once: UpstreamError, failover).
                 if attempt == STALE_RETRIES:
                     raise
         raise AssertionError("unreachable")
