@@ -113,6 +113,7 @@ def test_affinity_quick_writes_figures(tmp_path: Path) -> None:
                 assert _num(f[key]), (run, scope, key, f[key])
             assert 0 <= f["cached_share"] <= 1
         assert s["prefix_hit_share"] is None or 0 <= s["prefix_hit_share"] <= 1
+        assert len(s["rounds"]) == data["params"]["rounds"] == 1
         assert all(isinstance(r["cached_tokens"], int) for r in s["requests"])
         assert all(isinstance(r["conversation"], int) and isinstance(r["turn"], int)
                    for r in s["requests"])
