@@ -8,6 +8,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +18,9 @@ from .config import ServerConfig
 from .daemon import Supervisor
 from .metrics import Metrics
 from .modelfile import request_defaults
-from .proxy import Proxy, json_error, parse_json_object
+from .openai_compat import error_body
+from .proxy import Proxy, parse_json_object
+from .reply import AiohttpReply, Reply, answer_error
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +28,17 @@ _defaults = functools.lru_cache(maxsize=256)(request_defaults)  # Modelfiles are
 
 Reloader = Callable[[], Awaitable[dict[str, Any]]]
 
+@dataclass(frozen=True)
+class Completions:
+    """What the completion routes need, whichever HTTP server took the request."""
+
+    sup: Supervisor
+    proxy: Proxy
+    server: ServerConfig
+
+
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
-PROXY = web.AppKey("proxy", Proxy)
+COMPLETIONS = web.AppKey("completions", Completions)
 SERVER = web.AppKey("server", ServerConfig)
 METRICS = web.AppKey("metrics", Metrics)
 RELOAD = web.AppKey[Reloader]("reload")
@@ -38,14 +50,28 @@ ROUTES = {
     "/v1/completions": "text",
     "/v1/embeddings": "embeddings",
 }
+# The same routes without the /v1 prefix, as some clients send them.
+KINDS = ROUTES | {path.removeprefix("/v1"): kind for path, kind in ROUTES.items()}
+UPSTREAM_PATH = {kind: path for path, kind in ROUTES.items()}
 REQUIRED = {"chat": "messages", "text": "prompt", "embeddings": "input"}
 
 
-def _bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
+def json_error(status: int, message: str, *, code: str | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(status, message, code=code), status=status,
+                             headers=headers)
+
+
+def bearer(authorization: str | None, api_key: str | None) -> str | None:
+    """The token of `Authorization: Bearer ...`, else of `X-Api-Key`."""
+    header = authorization or ""
     if header[:7].lower() == "bearer ":
         return header[7:].strip()
-    return request.headers.get("X-Api-Key")
+    return api_key
+
+
+def _bearer(request: web.Request) -> str | None:
+    return bearer(request.headers.get("Authorization"), request.headers.get("X-Api-Key"))
 
 
 def _matches(token: str | None, secrets: tuple[str, ...]) -> bool:
@@ -56,6 +82,14 @@ def _matches(token: str | None, secrets: tuple[str, ...]) -> bool:
     for secret in secrets:
         ok |= hmac.compare_digest(token.encode(), secret.encode())
     return ok
+
+
+def api_key_ok(server: ServerConfig, token: str | None) -> bool:
+    """Whether `token` may use the API (any key works where none is configured)."""
+    if not server.api_keys:
+        return True
+    admin = (server.admin_token,) if server.admin_token else ()
+    return _matches(token, server.api_keys + admin)
 
 
 def _on_unix_socket(request: web.Request) -> bool:
@@ -78,8 +112,9 @@ async def guard(request: web.Request,
                                        "or use server.admin_socket")
             if not _matches(_bearer(request), admin):
                 return json_error(401, "invalid or missing admin token")
-    elif server.api_keys and (path.startswith("/v1/") or path in ("/status", "/metrics")):
-        if not _matches(_bearer(request), server.api_keys + admin):
+    elif server.api_keys and (path.startswith("/v1/") or path in ("/status", "/metrics")
+                              or path in KINDS):
+        if not api_key_ok(server, _bearer(request)):
             return json_error(401, "invalid or missing API key", code="invalid_api_key")
     active = request.app[ACTIVE]
     if active[0] >= server.max_connections:
@@ -115,9 +150,12 @@ async def model(request: web.Request) -> web.Response:
 
 
 def _unknown_model(sup: Supervisor, name: str) -> web.Response:
+    return json_error(404, _unknown_model_message(sup, name), code="model_not_found")
+
+
+def _unknown_model_message(sup: Supervisor, name: str) -> str:
     served = ", ".join(sorted(sup.pools)) or "none"
-    return json_error(404, f"model {name!r} is not served here; served models: {served}",
-                      code="model_not_found")
+    return f"model {name!r} is not served here; served models: {served}"
 
 
 def _with_defaults(sup: Supervisor, name: str, kind: str, body: dict[str, Any]) -> None:
@@ -156,11 +194,7 @@ def _validate(kind: str, body: dict[str, Any]) -> str | None:
 
 
 async def completion(request: web.Request) -> web.StreamResponse:
-    """Chat, text completion and embeddings: validate, route by model, relay."""
-    sup = request.app[SUPERVISOR]
-    if sup.draining:
-        return json_error(503, "the server is shutting down", code="shutting_down")
-    kind = ROUTES[request.path if request.path in ROUTES else "/v1" + request.path]
+    """Chat, text completion and embeddings on aiohttp: read the body, then as below."""
     limit = request.app[SERVER].body_timeout
     try:
         if request.content.is_eof():  # the usual case: the whole body came with the head
@@ -170,8 +204,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
                 raw = await request.read()
     except TimeoutError:
         logger.info("closed a connection whose request body did not arrive within %gs", limit)
-        slow = json_error(408, f"the request body did not arrive within {limit:g}s",
-                          code="request_timeout")
+        slow = json_error(408, body_timeout_message(limit), code="request_timeout")
         slow.force_close()
         await slow.prepare(request)
         await slow.write_eof()
@@ -179,27 +212,44 @@ async def completion(request: web.Request) -> web.StreamResponse:
         if request.transport is not None:
             request.transport.close()
         return slow
+    reply = AiohttpReply(request)
+    await serve_completion(request.app[COMPLETIONS], KINDS[request.path], raw,
+                           request.headers.get(PRIORITY_HEADER), reply)
+    assert reply.response is not None  # serve_completion always answers
+    return reply.response
+
+
+def body_timeout_message(limit: float) -> str:
+    return f"the request body did not arrive within {limit:g}s"
+
+
+async def serve_completion(ctx: Completions, kind: str, raw: bytes, priority_header: str | None,
+                           reply: Reply) -> None:
+    """Validate a completion request, route it by model, relay it; always answers."""
+    sup = ctx.sup
+    if sup.draining:
+        return await answer_error(reply, 503, "the server is shutting down",
+                                  code="shutting_down")
     try:
         body = parse_json_object(raw)
     except ValueError as exc:
-        return json_error(400, str(exc))
+        return await answer_error(reply, 400, str(exc))
     name = body.get("model")
     if not isinstance(name, str) or not name:
-        return json_error(400, "you must provide a 'model' parameter (a string)", code=None)
+        return await answer_error(reply, 400, "you must provide a 'model' parameter (a string)")
     pool = sup.pools.get(name)
     if pool is None:
-        return _unknown_model(sup, name)
+        return await answer_error(reply, 404, _unknown_model_message(sup, name),
+                                  code="model_not_found")
     problem = _validate(kind, body)
     if problem is not None:
-        return json_error(400, problem, code="invalid_request")
-    if request.app[SERVER].log_prompts:
+        return await answer_error(reply, 400, problem, code="invalid_request")
+    if ctx.server.log_prompts:
         logger.info("request for %s: %s", name, body)
     _with_defaults(sup, name, kind, body)
     keys = prefix_keys(body) if kind != "embeddings" else []
-    priority = priority_of(request.headers.get(PRIORITY_HEADER))
-    path = "/v1/chat/completions" if kind == "chat" else (
-        "/v1/completions" if kind == "text" else "/v1/embeddings")
-    return await request.app[PROXY].forward(request, pool, body, path, kind, priority, keys)
+    await ctx.proxy.forward(reply, pool, body, UPSTREAM_PATH[kind], kind,
+                            priority_of(priority_header), keys)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -264,7 +314,7 @@ def build_app(sup: Supervisor, proxy: Proxy, server: ServerConfig, metrics_: Met
     """The aiohttp application with every route; lifecycle is the caller's."""
     app = web.Application(middlewares=[guard], client_max_size=server.max_body_bytes)
     app[SUPERVISOR] = sup
-    app[PROXY] = proxy
+    app[COMPLETIONS] = Completions(sup, proxy, server)
     app[SERVER] = server
     app[METRICS] = metrics_
     app[RELOAD] = reload

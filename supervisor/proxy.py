@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from aiohttp import web
 
 from .backends.ollama import strip_reload_options
 from .openai_compat import (
@@ -17,21 +15,19 @@ from .openai_compat import (
     SSEParser,
     Usage,
     dumps,
-    error_body,
     error_event,
     loads,
     usage_from_tail,
     whole_answer,
 )
 from .pool import Lease, ModelPool, NoReplica, QueueFull, QueueTimeout
+from .reply import Reply, answer_error
 from .upstream import Disconnected, Response, Upstream, UpstreamError
 
 logger = logging.getLogger(__name__)
 
 TAIL_BYTES = 8192
 STALE_RETRIES = 2
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}
 
 
 class Retry(Exception):
@@ -54,12 +50,6 @@ class Outcome:
 Observer = Callable[[str, str, int, float, "float | None", "Usage | None"], None]
 
 
-def json_error(status: int, message: str, *, code: str | None = None,
-               headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(error_body(status, message, code=code), status=status,
-                             headers=headers)
-
-
 class Proxy:
     """Relays requests for every model over keep-alive connections to the engines."""
 
@@ -69,8 +59,8 @@ class Proxy:
         self.observe = observe
         self.observe_wait = observe_wait
 
-    async def forward(self, request: web.Request, pool: ModelPool, body: dict[str, Any],
-                      path: str, kind: str, priority: int, keys: list[str]) -> web.StreamResponse:
+    async def forward(self, reply: Reply, pool: ModelPool, body: dict[str, Any],
+                      path: str, kind: str, priority: int, keys: list[str]) -> None:
         """Serve one request: acquire, relay, retry once elsewhere on an early failure."""
         started = time.monotonic()
         exclude: frozenset[str] = frozenset()
@@ -80,13 +70,15 @@ class Proxy:
             try:
                 lease = await pool.acquire(keys, priority, exclude)
             except QueueFull:
-                return self._done(pool, path, started, json_error(
-                    429, f"too many requests queued for model {pool.model.name!r}; retry later",
-                    code="queue_full", headers={"Retry-After": "1"}))
+                return await self._refuse(
+                    reply, pool, path, started, 429,
+                    f"too many requests queued for model {pool.model.name!r}; retry later",
+                    "queue_full", {"Retry-After": "1"})
             except QueueTimeout:
-                return self._done(pool, path, started, json_error(
-                    503, f"no free slot for model {pool.model.name!r} within "
-                         f"{pool.model.queue_timeout:g}s", code="queue_timeout"))
+                return await self._refuse(
+                    reply, pool, path, started, 503,
+                    f"no free slot for model {pool.model.name!r} within "
+                    f"{pool.model.queue_timeout:g}s", "queue_timeout")
             except NoReplica:
                 if attempt and exclude:
                     exclude = frozenset()
@@ -95,17 +87,17 @@ class Proxy:
                     except (QueueFull, QueueTimeout, NoReplica):
                         break
                 else:
-                    return self._done(pool, path, started, json_error(
-                        503, f"model {pool.model.name!r} has no replica able to serve",
-                        code="no_replica"))
+                    return await self._refuse(
+                        reply, pool, path, started, 503,
+                        f"model {pool.model.name!r} has no replica able to serve", "no_replica")
             if self.observe_wait is not None:
                 self.observe_wait(pool.model.name, lease.waited_s)
             served = False
             try:
-                response, outcome = await self._relay(request, lease, body, path, kind)
+                outcome = await self._relay(reply, lease, body, path, kind)
                 served = outcome.status < 500
                 self._account(pool, lease, path, started, outcome)
-                return response
+                return
             except Retry as exc:
                 last = exc
                 logger.warning("failed over from %s: %s", lease.replica.id, exc)
@@ -113,17 +105,18 @@ class Proxy:
             finally:
                 lease.release(served=served)
         message = f"upstream failed: {last}" if last else "no replica able to serve"
-        return self._done(pool, path, started, json_error(
-            last.status if last else 503, message, code="upstream_failed"))
+        await self._refuse(reply, pool, path, started, last.status if last else 503, message,
+                           "upstream_failed")
 
-    def _done(self, pool: ModelPool, path: str, started: float,
-              response: web.Response) -> web.Response:
-        if response.status >= 500:
+    async def _refuse(self, reply: Reply, pool: ModelPool, path: str, started: float,
+                      status: int, message: str, code: str,
+                      headers: Mapping[str, str] | None = None) -> None:
+        """Answer with an error, counted like any other answer."""
+        if status >= 500:
             pool.errors += 1
         if self.observe is not None:
-            self.observe(pool.model.name, path, response.status,
-                         time.monotonic() - started, None, None)
-        return response
+            self.observe(pool.model.name, path, status, time.monotonic() - started, None, None)
+        await answer_error(reply, status, message, code=code, headers=headers)
 
     def _account(self, pool: ModelPool, lease: Lease, path: str, started: float,
                  outcome: Outcome) -> None:
@@ -139,8 +132,8 @@ class Proxy:
             self.observe(pool.model.name, path, outcome.status,
                          time.monotonic() - started, outcome.ttft, usage)
 
-    async def _relay(self, request: web.Request, lease: Lease, body: dict[str, Any],
-                     path: str, kind: str) -> tuple[web.StreamResponse, Outcome]:
+    async def _relay(self, reply: Reply, lease: Lease, body: dict[str, Any],
+                     path: str, kind: str) -> Outcome:
         replica = lease.replica
         model = replica.model
         launch = replica.launch
@@ -179,10 +172,11 @@ class Proxy:
                     usage, after_first = whole_answer(data)
                     if after_first is not None:  # the first token came that long before the end
                         ttft = max(0.0, loop.time() - t0 - after_first)
-                return self._plain(up, data), Outcome(up.status, usage, ttft)
+                await reply.answer(up.status, data, up.content_type or "application/json")
+                return Outcome(up.status, usage, ttft)
             if client_stream:
-                return await self._stream(request, lease, up, stall, t0)
-            return await self._aggregate(up, kind, stall, t0, lease)
+                return await self._stream(reply, lease, up, stall, t0)
+            return await self._aggregate(reply, up, kind, stall, t0, lease)
         except TimeoutError:
             replica.report_hang("stall", f"no byte from the engine for {stall:g}s")
             raise Retry(f"{replica.id} stalled: no byte for {stall:g}s", 504) from None
@@ -210,13 +204,8 @@ class Proxy:
                     raise
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _plain(up: Response, data: bytes) -> web.Response:
-        return web.Response(body=data, status=up.status,
-                            content_type=up.content_type or "application/json")
-
-    async def _aggregate(self, up: Response, kind: str, stall: float,
-                         t0: float, lease: Lease) -> tuple[web.StreamResponse, Outcome]:
+    async def _aggregate(self, reply: Reply, up: Response, kind: str, stall: float,
+                         t0: float, lease: Lease) -> Outcome:
         replica_id = lease.replica.id
         loop = asyncio.get_running_loop()
         parser = SSEParser()
@@ -231,47 +220,48 @@ class Proxy:
             status = int(agg.error.get("error", {}).get("code") or 500)
             if status >= 500:
                 raise Retry(f"{replica_id} sent an error: {agg.error}")
-            return web.json_response(agg.error, status=status), Outcome(status, None, ttft)
+            await reply.answer(status, dumps(agg.error))
+            return Outcome(status, None, ttft)
         if not agg.done:
             raise Retry(f"{replica_id} cut the stream before the end")
-        return web.json_response(agg.result()), Outcome(200, agg.usage, ttft)
+        await reply.answer(200, dumps(agg.result()))
+        return Outcome(200, agg.usage, ttft)
 
-    async def _stream(self, request: web.Request, lease: Lease, up: Response,
-                      stall: float, t0: float) -> tuple[web.StreamResponse, Outcome]:
+    async def _stream(self, reply: Reply, lease: Lease, up: Response,
+                      stall: float, t0: float) -> Outcome:
         replica = lease.replica
         loop = asyncio.get_running_loop()
         first = await up.read_chunk(stall * 2)
         if not first:
             raise Retry(f"{replica.id} closed the stream before the first byte")
         ttft = loop.time() - t0
-        resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
-        await resp.prepare(request)
-        await resp.write(first)
+        await reply.start_stream()
+        await reply.send(first)
         tail = first[-TAIL_BYTES:]
         try:
             while data := await up.read_chunk(stall):
-                await resp.write(data)
+                await reply.send(data)
                 tail = (tail + data)[-TAIL_BYTES:]
         except TimeoutError:
             replica.report_hang("stall", f"no byte from the engine for {stall:g}s")
-            await self._break(resp, f"{replica.id} stalled mid-stream")
-            return resp, Outcome(504, None, ttft)
+            await self._break(reply, f"{replica.id} stalled mid-stream")
+            return Outcome(504, None, ttft)
         except UpstreamError as exc:
-            await self._break(resp, f"{replica.id} failed mid-stream: {exc}")
-            return resp, Outcome(502, None, ttft)
+            await self._break(reply, f"{replica.id} failed mid-stream: {exc}")
+            return Outcome(502, None, ttft)
         if not tail.rstrip().endswith(b"[DONE]"):
-            await self._break(resp, f"{replica.id} ended the stream early")
-            return resp, Outcome(502, usage_from_tail(tail), ttft)
-        await resp.write_eof()
-        return resp, Outcome(200, usage_from_tail(tail), ttft)
+            await self._break(reply, f"{replica.id} ended the stream early")
+            return Outcome(502, usage_from_tail(tail), ttft)
+        await reply.end()
+        return Outcome(200, usage_from_tail(tail), ttft)
 
     @staticmethod
-    async def _break(resp: web.StreamResponse, message: str) -> None:
+    async def _break(reply: Reply, message: str) -> None:
         """End a stream that is under way with an error event, never a silent hang."""
         logger.warning("broke stream: %s", message)
         try:
-            await resp.write(error_event(502, message))
-            await resp.write_eof()
+            await reply.send(error_event(502, message))
+            await reply.end()
         except (ConnectionError, RuntimeError):
             pass
 
