@@ -14,10 +14,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .api import build_app
+from .api import COMPLETIONS, build_app
 from .config import Config, load_config
 from .daemon import Prepared, Supervisor, prepare
 from .events import Event, Events
+from .fastpath import FastConnection
 from .gpus import Inventory
 from .listener import Listener
 from .metrics import Metrics
@@ -129,9 +130,13 @@ class Daemon:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                                keepalive_timeout=server.idle_timeout)
         await runner.setup()
-        assert runner.server is not None  # set by setup()
-        listener = Listener(runner.server, max_connections=server.max_connections,
-                            header_timeout=server.header_timeout)
+        aiohttp_server = runner.server
+        assert aiohttp_server is not None  # set by setup()
+        completions = app[COMPLETIONS]
+        # Completion requests take the lean front door; everything else is aiohttp's.
+        listener = Listener(aiohttp_server, max_connections=server.max_connections,
+                            header_timeout=server.header_timeout,
+                            fast=lambda: FastConnection(completions, aiohttp_server))
         # aiohttp's default backlog (128) overflows when hundreds of clients connect at once.
         self.port = await listener.start(server.host, server.port,
                                          backlog=max(128, server.max_connections))
@@ -168,6 +173,7 @@ class Daemon:
                 await s.stop()
             await sup.shutdown(server.drain_timeout)
             await runner.cleanup()
+            listener.close_all()
             await upstream.close()
             await session.close()
         logger.info("stopped")
