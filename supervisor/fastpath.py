@@ -41,6 +41,13 @@ from .reply import SSE_HEADERS
 logger = logging.getLogger(__name__)
 
 MAX_PIPELINED = 8
+# A request head still incomplete after this many bytes is refused (431). httptools keeps a
+# header it has not finished in memory, with no bound of its own.
+MAX_HEAD_BYTES = 1 << 20
+# After a refusal, what the client still sends is read and dropped this long before the
+# connection closes: closing with unread input would reset it, and the client could lose
+# the refusal itself.
+LINGER_S = 2.0
 # Header names the completion routes read (lower case, as compared).
 _WANTED = frozenset((b"authorization", b"x-api-key", b"x-priority", b"content-length",
                      b"expect"))
@@ -132,6 +139,7 @@ class FastConnection(asyncio.Protocol):
         self.body_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.close_when_done = False  # the client half-closed: answer, then close
+        self.head_bytes = 0  # read while the current request head is incomplete
 
     # ---- asyncio.Protocol -----------------------------------------------------------
 
@@ -145,8 +153,15 @@ class FastConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse(400, "protocol upgrades are not served here", "invalid_request")
+            return
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed HTTP request: {exc}", "invalid_request")
+            return
+        if self.req is not None and not self.req.method:  # still in a head
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes",
+                             "request_header_too_large")
 
     def eof_received(self) -> bool | None:
         if self.delegate is not None:
@@ -208,6 +223,7 @@ class FastConnection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
+        self.head_bytes = 0
         parser = self.parser
         req.method = parser.get_method()
         req.version = parser.get_http_version()
@@ -267,7 +283,10 @@ class FastConnection(asyncio.Protocol):
                     self._hand_over(req)
                     return
                 if not await self._serve(req):
-                    self._close()
+                    if req.refusal is not None:
+                        self._linger()
+                    else:
+                        self._close()
                     return
                 if self.reading_paused and len(self.queue) < MAX_PIPELINED // 2:
                     assert self.transport is not None
@@ -369,6 +388,17 @@ class FastConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self.body_timer = self.idle_timer = None
+
+    def _linger(self) -> None:
+        """Stop writing, drop what still arrives for LINGER_S, then close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.ignoring = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+        self.idle_timer = asyncio.get_running_loop().call_later(LINGER_S, self._close)
 
     def _close(self) -> None:
         self._cancel_timers()

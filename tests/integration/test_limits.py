@@ -139,3 +139,26 @@ def test_connections_past_the_limit_are_refused_with_503(daemon: DaemonProc) -> 
     with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
     assert "llm_supervisor_client_connections_refused_total 1.0" in text
+
+
+def test_a_later_head_that_never_ends_is_refused_before_it_fills_memory(
+        daemon: DaemonProc) -> None:
+    """After a first request, a head that keeps growing is cut off at 1 MiB with a 431."""
+    sock = socket.create_connection(("127.0.0.1", port_of(daemon)))
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+               b"Content-Type: application/json\r\nContent-Length: "
+               + str(len(CHAT)).encode() + b"\r\n\r\n" + CHAT)
+    sock.settimeout(5)
+    sock.sendall(request)
+    answer = b""
+    while b'"choices"' not in answer:
+        answer += sock.recv(65536)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nX-Filler: ")
+    for _ in range(24):  # 1.5 MiB of one header value, never ended
+        sock.sendall(b"a" * 65536)
+    status, body = read_answer(sock)  # to EOF: the daemon closes after answering
+    sock.close()
+    assert status == 431
+    assert body["error"]["code"] == "request_header_too_large"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert chat_ok(daemon)
