@@ -195,7 +195,21 @@ def _validate(kind: str, body: dict[str, Any]) -> str | None:
 
 async def completion(request: web.Request) -> web.StreamResponse:
     """Chat, text completion and embeddings on aiohttp: read the body, then as below."""
-    limit = request.app[SERVER].body_timeout
+    server = request.app[SERVER]
+    if request.content_length is not None and request.content_length > server.max_body_bytes:
+        # Refused on the declared length, before waiting for a body it will not read.
+        too_large = json_error(413, too_large_message(server.max_body_bytes),
+                               code="request_too_large")
+        too_large.force_close()
+        await too_large.prepare(request)
+        await too_large.write_eof()
+        # Half-close: the client sees the end at once, while aiohttp drops what it still
+        # sends for a while (closing with unread input could reset the answer away).
+        transport = request.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+        return too_large
+    limit = server.body_timeout
     try:
         if request.content.is_eof():  # the usual case: the whole body came with the head
             raw = await request.read()
@@ -217,6 +231,10 @@ async def completion(request: web.Request) -> web.StreamResponse:
                            request.headers.get(PRIORITY_HEADER), reply)
     assert reply.response is not None  # serve_completion always answers
     return reply.response
+
+
+def too_large_message(limit: int) -> str:
+    return f"request body larger than server.max_body_bytes ({limit} bytes)"
 
 
 def body_timeout_message(limit: float) -> str:

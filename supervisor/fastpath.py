@@ -3,26 +3,27 @@
 Nearly every request a daemon serves is a chat or text completion, and aiohttp's server side
 costs about 0.1 ms per request, as much as the relay itself. A connection whose first
 request is `POST` to a completion route over HTTP/1.1 is served here (`listener.py` decides
-from the request line); every other connection goes to aiohttp from its first byte. Should a
-connection served here later send anything else (`GET /v1/models`, HTTP/1.0, ...), that
-request and everything after it are handed to aiohttp, re-framed from what the parser saw.
+from the request line); every other connection goes to aiohttp from its first byte.
+
+Should a connection served here later send anything else (`GET /v1/models`, HTTP/1.0, a
+compressed body, an upgrade offer), that request and the rest of the connection are handed
+to aiohttp: requests already read are re-framed whole, later ones are passed on as they
+arrive (head, then body pieces).
 
 Requests on one connection are answered in order (pipelining works; at most
 `MAX_PIPELINED` wait, then reading pauses). Limits match the aiohttp side: bodies over
-`max_body_bytes` get 413, a body that stops arriving 408 after `body_timeout`, a kept-alive
-connection is closed after `idle_timeout` without a new request head; each of these closes
-the connection. A client that goes away cancels its request, which frees its engine slot.
+`max_body_bytes` get 413, a body that stops arriving 408 after `body_timeout`, an over-long
+head 414/431, and a kept-alive connection is closed after `idle_timeout` without a new
+request head; each refusal ends the connection. A client that goes away, or closes its
+sending side, cancels its request, which frees its engine slot (as aiohttp does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import cast
 
 import httptools
@@ -34,89 +35,21 @@ from .api import (
     bearer,
     body_timeout_message,
     serve_completion,
+    too_large_message,
 )
+from .http1 import MAX_HEAD, MAX_LINE, SSE_HEAD, ParsedRequest, answer_head
 from .openai_compat import dumps, error_body
-from .reply import SSE_HEADERS
 
 logger = logging.getLogger(__name__)
 
 MAX_PIPELINED = 8
-# A request head still incomplete after this many bytes is refused (431). httptools keeps a
-# header it has not finished in memory, with no bound of its own.
-MAX_HEAD_BYTES = 1 << 20
+# A head still incomplete after this many bytes read is refused: httptools keeps a header
+# it has not finished in memory, and calls back only once it is complete.
+MAX_PARTIAL_HEAD = 1 << 20
 # After a refusal, what the client still sends is read and dropped this long before the
 # connection closes: closing with unread input would reset it, and the client could lose
 # the refusal itself.
 LINGER_S = 2.0
-# Header names the completion routes read (lower case, as compared).
-_WANTED = frozenset((b"authorization", b"x-api-key", b"x-priority", b"content-length",
-                     b"expect"))
-# Not carried over when a request is re-framed for aiohttp: the body is sent whole.
-_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
-_SSE_HEAD = "".join(f"{k}: {v}\r\n" for k, v in SSE_HEADERS.items()).encode()
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-
-
-def is_fast(request_line: bytes) -> bool:
-    """Whether a connection that opens with this request line is served here."""
-    parts = request_line.rstrip(b"\r").split(b" ")
-    return (len(parts) == 3 and parts[0] == b"POST" and parts[2] == b"HTTP/1.1"
-            and parts[1].split(b"?", 1)[0].decode("latin-1") in KINDS)
-
-
-class _Date:
-    """The `Date` header, formatted once a second."""
-
-    second = -1
-    value = b""
-
-    @classmethod
-    def header(cls) -> bytes:
-        now = int(time.time())
-        if now != cls.second:
-            cls.second = now
-            cls.value = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
-        return cls.value
-
-
-class _Request:
-    """One request as the parser saw it."""
-
-    __slots__ = ("body", "headers", "keep_alive", "kind", "method", "refusal", "size", "url",
-                 "version", "wanted")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.wanted: dict[bytes, bytes] = {}
-        self.body: list[bytes] = []
-        self.size = 0
-        self.method = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.kind: str | None = None  # None: not a completion route, aiohttp serves it
-        self.refusal: tuple[int, str, str] | None = None
-
-    def header(self, name: bytes) -> str | None:
-        value = self.wanted.get(name)
-        return None if value is None else value.decode("latin-1")
-
-    def reframed(self) -> bytes:
-        """The request as bytes aiohttp can parse: the body whole, with its length."""
-        body = b"".join(self.body)
-        lines = [self.method + b" " + self.url + b" HTTP/" + self.version.encode()]
-        lines += [name + b": " + value for name, value in self.headers
-                  if name.lower() not in _FRAMING]
-        if body or self.method in (b"POST", b"PUT", b"PATCH"):
-            lines.append(b"Content-Length: " + str(len(body)).encode())
-        return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-def _refusal(status: int, message: str, code: str) -> _Request:
-    req = _Request()
-    req.refusal = (status, message, code)
-    req.keep_alive = False
-    return req
 
 
 class FastConnection(asyncio.Protocol):
@@ -127,19 +60,21 @@ class FastConnection(asyncio.Protocol):
         self.fallback = fallback
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.req: _Request | None = None  # being parsed
-        self.queue: deque[_Request] = deque()
+        self.req: ParsedRequest | None = None  # being parsed
+        self.queue: deque[ParsedRequest] = deque()
         self.worker: asyncio.Task[None] | None = None
         self.delegate: asyncio.Protocol | None = None  # aiohttp, once handed over
-        self.ignoring = False  # refused: the rest of the input is not read
+        self.raw: bytearray | None = None  # after an upgrade offer: bytes not parsed here
+        self.ignoring = False  # refused: the rest of the input is dropped
         self.closed = False
         self.reading_paused = False
         self.writing_paused = False
         self.drained: asyncio.Future[None] | None = None
         self.body_timer: asyncio.TimerHandle | None = None
+        self.body_timer_held = False  # stopped while reading is paused (not the client's fault)
         self.idle_timer: asyncio.TimerHandle | None = None
-        self.close_when_done = False  # the client half-closed: answer, then close
-        self.head_bytes = 0  # read while the current request head is incomplete
+        self.partial_head = 0  # bytes read while the current head is incomplete
+        self.forwarded = 0  # pieces passed to aiohttp after the handover
 
     # ---- asyncio.Protocol -----------------------------------------------------------
 
@@ -149,27 +84,37 @@ class FastConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ignoring or self.closed:
             return
+        if self.raw is not None:
+            self._pass_raw(data)
+            return
+        fresh = self.delegate is not None and self.req is None  # no request half-read
+        forwarded = self.forwarded
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(400, "protocol upgrades are not served here", "invalid_request")
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded(data[upgrade.args[0]:] if upgrade.args else b"")
             return
         except httptools.HttpParserError as exc:
+            if self.delegate is not None:
+                # If nothing of this read reached aiohttp yet, let it judge the same bytes
+                # (it answers 400 after its earlier answers); else end the connection.
+                if fresh and self.forwarded == forwarded:
+                    self.raw = bytearray()
+                    self._forward(data)
+                else:
+                    self._close()
+                return
             self._refuse(400, f"malformed HTTP request: {exc}", "invalid_request")
             return
-        if self.req is not None and not self.req.method:  # still in a head
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes",
-                             "request_header_too_large")
+        if self.req is not None and not self.req.method:
+            self.partial_head += len(data)
+            if self.partial_head > MAX_PARTIAL_HEAD:
+                self._head_refused(431, f"the request head is larger than {MAX_HEAD} bytes")
 
     def eof_received(self) -> bool | None:
         if self.delegate is not None:
             return self.delegate.eof_received()
-        if self.worker is not None or self.queue:
-            self.close_when_done = True
-            return True  # half-closed: answer what was asked, then close
-        return None
+        return None  # close: like aiohttp, a client that stops sending is gone
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -195,83 +140,90 @@ class FastConnection(asyncio.Protocol):
             self.drained.set_result(None)
 
     # ---- httptools callbacks ---------------------------------------------------------
-
     # After a refusal the parser may still call back for the rest of the bytes it was fed:
     # those callbacks find no request (`self.req` is None) and do nothing.
 
     def on_message_begin(self) -> None:
         if not self.ignoring:
-            self.req = _Request()
+            self.req = ParsedRequest()
 
     def on_url(self, url: bytes) -> None:
-        if self.req is not None:
-            self.req.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         if req is None:
             return
-        req.headers.append((name, value))
-        lower = name.lower()
-        if lower in _WANTED:
-            req.wanted[lower] = value
+        req.url += url
+        req.head_size += len(url)
+        if len(req.url) > MAX_LINE:
+            self._head_refused(414, f"the request target is longer than {MAX_LINE} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.req is not None and (problem := self.req.add_header(name, value)):
+            self._head_refused(431, problem)
 
     def on_headers_complete(self) -> None:
         req = self.req
         if req is None or self.transport is None:
             return
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
-        self.head_bytes = 0
+        self._stop_idle_timer()
+        self.partial_head = 0
         parser = self.parser
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
-        if req.method == b"POST" and req.version == "1.1":
-            req.kind = KINDS.get(req.url.split(b"?", 1)[0].decode("latin-1"))
-        length = req.wanted.get(b"content-length")
-        limit = self.ctx.server.max_body_bytes
-        if length is not None and int(length) > limit:
-            self._refuse(413, _too_large(limit), "request_too_large")
+        req.upgrade = bool(parser.should_upgrade())
+        req.chunked = b"chunked" in req.wanted.get(b"transfer-encoding", b"").lower()
+        if self.delegate is not None:
+            self._forward(req.head(framing=True) + b"\r\n")
             return
-        if (req.kind is not None and self.delegate is None and self.worker is None
-                and not self.queue
-                and req.wanted.get(b"expect", b"").lower() == b"100-continue"):
+        encoding = req.wanted.get(b"content-encoding", b"identity").strip().lower()
+        if (req.method == b"POST" and req.version == "1.1" and not req.upgrade
+                and encoding == b"identity"):
+            req.kind = KINDS.get(req.url.split(b"?", 1)[0].decode("latin-1"))
+        limit = self.ctx.server.max_body_bytes
+        length = req.wanted.get(b"content-length")
+        if length is not None and int(length) > limit:
+            self._refuse(413, too_large_message(limit), "request_too_large")
+            return
+        idle = self.worker is None and not self.queue
+        if req.kind is None and idle:
+            self._hand_over()  # this request and the rest go to aiohttp as they come
+            return
+        if idle and req.wanted.get(b"expect", b"").lower() == b"100-continue":
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.body_timer = asyncio.get_running_loop().call_later(
-            self.ctx.server.body_timeout, self._body_timed_out)
+        self._start_body_timer()
 
     def on_body(self, body: bytes) -> None:
         req = self.req
         if req is None:
             return
+        if self.delegate is not None:
+            self._forward(b"%x\r\n%s\r\n" % (len(body), body) if req.chunked else body)
+            return
         req.size += len(body)
         limit = self.ctx.server.max_body_bytes
         if req.size > limit:
-            self._refuse(413, _too_large(limit), "request_too_large")
+            self._refuse(413, too_large_message(limit), "request_too_large")
             return
         req.body.append(body)
 
     def on_message_complete(self) -> None:
         req, self.req = self.req, None
-        if self.body_timer is not None:
-            self.body_timer.cancel()
-            self.body_timer = None
+        self._stop_body_timer()
         if req is None or self.ignoring:
             return
         if self.delegate is not None:
-            self.delegate.data_received(req.reframed())
+            if req.chunked and not req.upgrade:
+                self._forward(b"0\r\n\r\n")
             return
         self.queue.append(req)
-        if len(self.queue) >= MAX_PIPELINED and self.transport is not None:
-            self.transport.pause_reading()
-            self.reading_paused = True
+        if len(self.queue) >= MAX_PIPELINED:
+            self._pause_reading()
         self._kick()
 
     # ---- serving ---------------------------------------------------------------------
 
     def _kick(self) -> None:
+        self._stop_idle_timer()
         if self.worker is None and not self.closed:
             self.worker = asyncio.get_running_loop().create_task(self._work())
 
@@ -280,7 +232,8 @@ class FastConnection(asyncio.Protocol):
             while self.queue and not self.closed:
                 req = self.queue.popleft()
                 if req.kind is None and req.refusal is None:
-                    self._hand_over(req)
+                    self.queue.appendleft(req)
+                    self._hand_over()
                     return
                 if not await self._serve(req):
                     if req.refusal is not None:
@@ -289,18 +242,12 @@ class FastConnection(asyncio.Protocol):
                         self._close()
                     return
                 if self.reading_paused and len(self.queue) < MAX_PIPELINED // 2:
-                    assert self.transport is not None
-                    self.reading_paused = False
-                    self.transport.resume_reading()
-            if self.close_when_done:
-                self._close()
-            elif not self.closed and not self.ignoring:
-                self.idle_timer = asyncio.get_running_loop().call_later(
-                    self.ctx.server.idle_timeout, self._idle_expired)
+                    self._resume_reading()
+            self._start_idle_timer()
         finally:
             self.worker = None
 
-    async def _serve(self, req: _Request) -> bool:
+    async def _serve(self, req: ParsedRequest) -> bool:
         """Answer one request; False when the connection must close after it."""
         reply = FastReply(self, req.keep_alive)
         if req.refusal is not None:
@@ -325,20 +272,57 @@ class FastConnection(asyncio.Protocol):
             return False
         return req.keep_alive
 
-    def _hand_over(self, first: _Request) -> None:
-        """aiohttp serves this request and the rest of the connection."""
+    def _hand_over(self) -> None:
+        """aiohttp serves the queued requests, the one being read, and the rest."""
         assert self.transport is not None
+        self._stop_idle_timer()
+        self._stop_body_timer()
         inner = self.fallback()
         self.delegate = inner
         inner.connection_made(self.transport)
-        pending = [first, *self.queue]
+        pending = list(self.queue)
         self.queue.clear()
-        for req in pending:
-            if req.refusal is None:  # a refused request stops the input: it is not served
-                inner.data_received(req.reframed())
-        if self.reading_paused:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        refused = next((i for i, r in enumerate(pending) if r.refusal is not None), None)
+        if refused is not None:
+            # A refusal ends the input; aiohttp cannot send it after its own answers, so the
+            # last request before it asks aiohttp to close the connection instead.
+            pending = pending[:refused]
+        for i, queued in enumerate(pending):
+            last = refused is not None and i == len(pending) - 1
+            self._forward(queued.head(framing=True) + b"\r\n" if queued.upgrade
+                          else queued.reframed(close=last))
+        current = self.req
+        if current is not None and current.method and refused is None:  # body coming
+            self._forward(current.head(framing=True) + b"\r\n")
+            for piece in current.body:
+                self._forward(b"%x\r\n%s\r\n" % (len(piece), piece) if current.chunked
+                              else piece)
+        if self.raw:
+            self._forward(bytes(self.raw))
+            self.raw.clear()
+        if self.reading_paused and not self.ignoring:
+            self._resume_reading()
+
+    def _upgraded(self, rest: bytes) -> None:
+        """The parser stopped at an upgrade offer: from `rest` on, bytes go to aiohttp."""
+        self.raw = bytearray()
+        self._pass_raw(rest)
+        if self.delegate is None and self.worker is None:
+            self._hand_over()
+
+    def _forward(self, data: bytes) -> None:
+        assert self.delegate is not None
+        self.forwarded += 1
+        self.delegate.data_received(data)
+
+    def _pass_raw(self, data: bytes) -> None:
+        assert self.raw is not None
+        if self.delegate is not None:
+            self._forward(data)
+            return
+        self.raw += data  # until the answers before the upgrade offer are sent
+        if len(self.raw) > self.ctx.server.max_body_bytes:
+            self._pause_reading()
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
@@ -356,24 +340,68 @@ class FastConnection(asyncio.Protocol):
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         """Answer `status` after what is already queued, then close; read nothing more."""
-        if self.body_timer is not None:
-            self.body_timer.cancel()
-            self.body_timer = None
+        self._stop_body_timer()
         self.ignoring = True
         self.req = None
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._pause_reading()
         if self.delegate is not None:
             self._close()  # aiohttp may be mid-answer: nothing can be added
             return
-        self.queue.append(_refusal(status, message, code))
+        self.queue.append(ParsedRequest.refused(status, message, code))
         self._kick()
+
+    def _head_refused(self, status: int, message: str) -> None:
+        self._refuse(status, message, "request_header_too_large" if status == 431
+                     else "request_uri_too_long")
+
+    def _start_body_timer(self) -> None:
+        if self.reading_paused:
+            self.body_timer_held = True
+            return
+        self.body_timer = asyncio.get_running_loop().call_later(
+            self.ctx.server.body_timeout, self._body_timed_out)
+
+    def _stop_body_timer(self) -> None:
+        self.body_timer_held = False
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
 
     def _body_timed_out(self) -> None:
         self.body_timer = None
         limit = self.ctx.server.body_timeout
         logger.info("closed a connection whose request body did not arrive within %gs", limit)
         self._refuse(408, body_timeout_message(limit), "request_timeout")
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.reading_paused:
+            self.transport.pause_reading()
+            self.reading_paused = True
+            if self.body_timer is not None:  # the body waits on us, not on the client
+                self._stop_body_timer()
+                self.body_timer_held = True
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+            if self.body_timer_held:
+                self.body_timer_held = False
+                self._start_body_timer()
+
+    def _start_idle_timer(self) -> None:
+        """Between requests: bound the wait for the next complete head."""
+        if self.closed or self.ignoring or self.delegate is not None:
+            return
+        if self.req is not None and self.req.method:
+            return  # a head is in and its body is coming: the body timer runs
+        self.idle_timer = asyncio.get_running_loop().call_later(
+            self.ctx.server.idle_timeout, self._idle_expired)
+
+    def _stop_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
 
     def _idle_expired(self) -> None:
         self.idle_timer = None
@@ -384,10 +412,8 @@ class FastConnection(asyncio.Protocol):
                               f"{self.ctx.server.idle_timeout:g}s", "request_timeout")
 
     def _cancel_timers(self) -> None:
-        for timer in (self.body_timer, self.idle_timer):
-            if timer is not None:
-                timer.cancel()
-        self.body_timer = self.idle_timer = None
+        self._stop_body_timer()
+        self._stop_idle_timer()
 
     def _linger(self) -> None:
         """Stop writing, drop what still arrives for LINGER_S, then close."""
@@ -398,16 +424,13 @@ class FastConnection(asyncio.Protocol):
         if transport.can_write_eof():
             transport.write_eof()
         transport.resume_reading()
+        self.reading_paused = False
         self.idle_timer = asyncio.get_running_loop().call_later(LINGER_S, self._close)
 
     def _close(self) -> None:
         self._cancel_timers()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-
-
-def _too_large(limit: int) -> str:
-    return f"request body larger than server.max_body_bytes ({limit} bytes)"
 
 
 class FastReply:
@@ -420,22 +443,20 @@ class FastReply:
         self.keep_alive = keep_alive
         self.started = False
 
-    def _head(self, status: int, extra: bytes) -> bytes:
-        self.started = True
-        closing = b"" if self.keep_alive else b"Connection: close\r\n"
-        return (b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
-                + _Date.header() + extra + closing + b"\r\n")
-
     async def answer(self, status: int, body: bytes, content_type: str = "application/json",
                      headers: Mapping[str, str] | None = None) -> None:
         extra = b"Content-Type: " + content_type.encode("latin-1") + b"\r\nContent-Length: " \
             + str(len(body)).encode() + b"\r\n"
         if headers:
             extra += "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
-        self.conn.write(self._head(status, extra) + body)
+        self.started = True
+        self.conn.write(answer_head(status, extra, self.keep_alive) + body)
+        await self.conn.drain()
 
     async def start_stream(self) -> None:
-        self.conn.write(self._head(200, _SSE_HEAD + b"Transfer-Encoding: chunked\r\n"))
+        self.started = True
+        self.conn.write(answer_head(200, SSE_HEAD + b"Transfer-Encoding: chunked\r\n",
+                                    self.keep_alive))
 
     async def send(self, data: bytes) -> None:
         if data:

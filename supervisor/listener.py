@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from .fastpath import is_fast
+from .http1 import is_fast
 from .openai_compat import dumps, error_body
 
 logger = logging.getLogger(__name__)

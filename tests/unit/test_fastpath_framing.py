@@ -6,7 +6,7 @@ from __future__ import annotations
 import httptools
 import pytest
 
-from supervisor.fastpath import _Request, is_fast
+from supervisor.http1 import ParsedRequest, is_fast
 
 
 @pytest.mark.parametrize("line", [
@@ -40,7 +40,7 @@ class _Capture:
     """Parser callbacks that keep one request, as FastConnection does."""
 
     def __init__(self) -> None:
-        self.req = _Request()
+        self.req = ParsedRequest()
         self.done = False
 
     def on_url(self, url: bytes) -> None:
