@@ -197,18 +197,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
     """Chat, text completion and embeddings on aiohttp: read the body, then as below."""
     server = request.app[SERVER]
     if request.content_length is not None and request.content_length > server.max_body_bytes:
-        # Refused on the declared length, before waiting for a body it will not read.
-        too_large = json_error(413, too_large_message(server.max_body_bytes),
-                               code="request_too_large")
-        too_large.force_close()
-        await too_large.prepare(request)
-        await too_large.write_eof()
-        # Half-close: the client sees the end at once, while aiohttp drops what it still
-        # sends for a while (closing with unread input could reset the answer away).
-        transport = request.transport
-        if transport is not None and transport.can_write_eof():
-            transport.write_eof()
-        return too_large
+        return await _too_large(request, server)  # on the declared length, without waiting
     limit = server.body_timeout
     try:
         if request.content.is_eof():  # the usual case: the whole body came with the head
@@ -216,6 +205,8 @@ async def completion(request: web.Request) -> web.StreamResponse:
         else:
             async with asyncio.timeout(limit):
                 raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # a chunked or compressed body grew too large
+        return await _too_large(request, server)
     except TimeoutError:
         logger.info("closed a connection whose request body did not arrive within %gs", limit)
         slow = json_error(408, body_timeout_message(limit), code="request_timeout")
@@ -231,6 +222,19 @@ async def completion(request: web.Request) -> web.StreamResponse:
                            request.headers.get(PRIORITY_HEADER), reply)
     assert reply.response is not None  # serve_completion always answers
     return reply.response
+
+
+async def _too_large(request: web.Request, server: ServerConfig) -> web.StreamResponse:
+    """413, then a half-close: the client sees the end at once, while aiohttp drops what
+    it still sends for a while (closing with unread input could reset the answer away)."""
+    refusal = json_error(413, too_large_message(server.max_body_bytes), code="request_too_large")
+    refusal.force_close()
+    await refusal.prepare(request)
+    await refusal.write_eof()
+    transport = request.transport
+    if transport is not None and transport.can_write_eof():
+        transport.write_eof()
+    return refusal
 
 
 def too_large_message(limit: int) -> str:

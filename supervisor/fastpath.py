@@ -6,9 +6,10 @@ request is `POST` to a completion route over HTTP/1.1 is served here (`listener.
 from the request line); every other connection goes to aiohttp from its first byte.
 
 Should a connection served here later send anything else (`GET /v1/models`, HTTP/1.0, a
-compressed body, an upgrade offer), that request and the rest of the connection are handed
-to aiohttp: requests already read are re-framed whole, later ones are passed on as they
-arrive (head, then body pieces).
+compressed body), that request and the rest of the connection are handed to aiohttp:
+requests already read are re-framed whole, later ones are passed on as they arrive (head,
+then body pieces). An upgrade offer (`Upgrade: h2c`) is declined: the request is served as
+plain HTTP/1.1, as if the offer were not there.
 
 Requests on one connection are answered in order (pipelining works; at most
 `MAX_PIPELINED` wait, then reading pauses). Limits match the aiohttp side: bodies over
@@ -64,7 +65,7 @@ class FastConnection(asyncio.Protocol):
         self.queue: deque[ParsedRequest] = deque()
         self.worker: asyncio.Task[None] | None = None
         self.delegate: asyncio.Protocol | None = None  # aiohttp, once handed over
-        self.raw: bytearray | None = None  # after an upgrade offer: bytes not parsed here
+        self.upgrade: ParsedRequest | None = None  # an upgrade offer the parser stopped at
         self.ignoring = False  # refused: the rest of the input is dropped
         self.closed = False
         self.reading_paused = False
@@ -84,25 +85,20 @@ class FastConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ignoring or self.closed:
             return
-        if self.raw is not None:
-            self._pass_raw(data)
-            return
         fresh = self.delegate is not None and self.req is None  # no request half-read
         forwarded = self.forwarded
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded(data[upgrade.args[0]:] if upgrade.args else b"")
+            self._decline_upgrade(data[upgrade.args[0]:] if upgrade.args else b"")
             return
         except httptools.HttpParserError as exc:
             if self.delegate is not None:
-                # If nothing of this read reached aiohttp yet, let it judge the same bytes
-                # (it answers 400 after its earlier answers); else end the connection.
-                if fresh and self.forwarded == forwarded:
-                    self.raw = bytearray()
-                    self._forward(data)
-                else:
-                    self._close()
+                # aiohttp answers 400 after its earlier answers, then closes: give it these
+                # bytes if none of them reached it yet, else a line it refuses the same way.
+                self.ignoring = True
+                self._forward(data if fresh and self.forwarded == forwarded
+                              else b"\x00 malformed request\r\n\r\n")
                 return
             self._refuse(400, f"malformed HTTP request: {exc}", "invalid_request")
             return
@@ -171,13 +167,17 @@ class FastConnection(asyncio.Protocol):
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
         req.upgrade = bool(parser.should_upgrade())
+        if req.upgrade:  # the parser stops after this head: _decline_upgrade goes on
+            self.upgrade, self.req = req, None
+            if req.method == b"CONNECT":
+                self._refuse(405, "CONNECT is not served here", "method_not_allowed")
+            return
         req.chunked = b"chunked" in req.wanted.get(b"transfer-encoding", b"").lower()
         if self.delegate is not None:
             self._forward(req.head(framing=True) + b"\r\n")
             return
         encoding = req.wanted.get(b"content-encoding", b"identity").strip().lower()
-        if (req.method == b"POST" and req.version == "1.1" and not req.upgrade
-                and encoding == b"identity"):
+        if req.method == b"POST" and req.version == "1.1" and encoding == b"identity":
             req.kind = KINDS.get(req.url.split(b"?", 1)[0].decode("latin-1"))
         limit = self.ctx.server.max_body_bytes
         length = req.wanted.get(b"content-length")
@@ -212,7 +212,7 @@ class FastConnection(asyncio.Protocol):
         if req is None or self.ignoring:
             return
         if self.delegate is not None:
-            if req.chunked and not req.upgrade:
+            if req.chunked:
                 self._forward(b"0\r\n\r\n")
             return
         self.queue.append(req)
@@ -289,40 +289,29 @@ class FastConnection(asyncio.Protocol):
             pending = pending[:refused]
         for i, queued in enumerate(pending):
             last = refused is not None and i == len(pending) - 1
-            self._forward(queued.head(framing=True) + b"\r\n" if queued.upgrade
-                          else queued.reframed(close=last))
+            self._forward(queued.reframed(close=last))
         current = self.req
         if current is not None and current.method and refused is None:  # body coming
             self._forward(current.head(framing=True) + b"\r\n")
             for piece in current.body:
                 self._forward(b"%x\r\n%s\r\n" % (len(piece), piece) if current.chunked
                               else piece)
-        if self.raw:
-            self._forward(bytes(self.raw))
-            self.raw.clear()
         if self.reading_paused and not self.ignoring:
             self._resume_reading()
 
-    def _upgraded(self, rest: bytes) -> None:
-        """The parser stopped at an upgrade offer: from `rest` on, bytes go to aiohttp."""
-        self.raw = bytearray()
-        self._pass_raw(rest)
-        if self.delegate is None and self.worker is None:
-            self._hand_over()
+    def _decline_upgrade(self, rest: bytes) -> None:
+        """The parser stopped after an upgrade offer's head: parse that head again without
+        the offer, then its body and what follows, as plain HTTP/1.1."""
+        req, self.upgrade = self.upgrade, None
+        if req is None or self.ignoring:
+            return
+        self.parser = httptools.HttpRequestParser(self)
+        self.data_received(req.head(framing=True, drop=(b"upgrade",)) + b"\r\n" + rest)
 
     def _forward(self, data: bytes) -> None:
         assert self.delegate is not None
         self.forwarded += 1
         self.delegate.data_received(data)
-
-    def _pass_raw(self, data: bytes) -> None:
-        assert self.raw is not None
-        if self.delegate is not None:
-            self._forward(data)
-            return
-        self.raw += data  # until the answers before the upgrade offer are sent
-        if len(self.raw) > self.ctx.server.max_body_bytes:
-            self._pause_reading()
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():

@@ -75,12 +75,14 @@ class ParsedRequest:
             self.wanted[lower] = value
         return None
 
-    def head(self, *, framing: bool, close: bool = False) -> bytes:
-        """The request line and headers; `framing` keeps Content-Length/Transfer-Encoding."""
+    def head(self, *, framing: bool, close: bool = False, drop: tuple[bytes, ...] = ()) -> bytes:
+        """The request line and headers; `framing` keeps Content-Length/Transfer-Encoding,
+        `drop` leaves out more (lower-case names)."""
         lines = [self.method + b" " + self.url + b" HTTP/" + self.version.encode()]
         for name, value in self.headers:
             lower = name.lower()
-            if (not framing and lower in _FRAMING) or (close and lower == b"connection"):
+            if ((not framing and lower in _FRAMING) or (close and lower == b"connection")
+                    or lower in drop):
                 continue
             lines.append(name + b": " + value)
         if close:
