@@ -39,7 +39,7 @@ from .api import (
     too_large_message,
 )
 from .http1 import MAX_HEAD, MAX_LINE, SSE_HEAD, ParsedRequest, answer_head
-from .openai_compat import dumps, error_body
+from .reply import answer_error
 
 logger = logging.getLogger(__name__)
 
@@ -252,14 +252,14 @@ class FastConnection(asyncio.Protocol):
         reply = FastReply(self, req.keep_alive)
         if req.refusal is not None:
             status, message, code = req.refusal
-            await reply.answer(status, dumps(error_body(status, message, code=code)))
+            await answer_error(reply, status, message, code=code)
             return False
         assert req.kind is not None
         try:
             if not api_key_ok(self.ctx.server, bearer(req.header(b"authorization"),
                                                       req.header(b"x-api-key"))):
-                await reply.answer(401, dumps(error_body(
-                    401, "invalid or missing API key", code="invalid_api_key")))
+                await answer_error(reply, 401, "invalid or missing API key",
+                                   code="invalid_api_key")
             else:
                 await serve_completion(self.ctx, req.kind, b"".join(req.body),
                                        req.header(b"x-priority"), reply)
@@ -268,7 +268,7 @@ class FastConnection(asyncio.Protocol):
         except Exception:
             logger.exception("error serving %s", req.url.decode("latin-1"))
             if not reply.started:  # a stream under way cannot turn into an error answer
-                await reply.answer(500, dumps(error_body(500, "internal error in the supervisor")))
+                await answer_error(reply, 500, "internal error in the supervisor")
             return False
         return req.keep_alive
 

@@ -24,6 +24,15 @@ def chat_body(text: str = "hello there, how are you today?", **extra: Any) -> di
     return {"model": "m", "messages": [{"role": "user", "content": text}], **extra}
 
 
+async def assert_silent(s: aiohttp.ClientSession, url: str, seconds: float) -> None:
+    """A GET of `url` gets no answer within `seconds`."""
+    try:
+        async with s.get(url, timeout=aiohttp.ClientTimeout(total=seconds)) as r:
+            raise AssertionError(f"{url} answered {r.status}")
+    except TimeoutError:
+        pass
+
+
 async def read_sse(resp: aiohttp.ClientResponse) -> list[tuple[float, str]]:
     """(arrival time, payload) for every `data:` line of an SSE response."""
     events: list[tuple[float, str]] = []
@@ -216,12 +225,7 @@ async def test_llama_slots_goes_silent_while_a_generation_is_wedged() -> None:
                 await asyncio.sleep(0.02)
             async with s.get(fake.url + "/health") as r:
                 assert r.status == 200
-            try:
-                async with s.get(fake.url + "/slots",
-                                 timeout=aiohttp.ClientTimeout(total=0.5)) as r:
-                    raise AssertionError(f"/slots answered {r.status}")
-            except TimeoutError:
-                pass
+            await assert_silent(s, fake.url + "/slots", 0.5)
             wedged.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await wedged
@@ -294,12 +298,7 @@ async def test_llama_control_flips_behaviour_at_runtime() -> None:
             async with s.get(fake.url + "/health") as r:
                 assert r.status == 503
             fake.control(ready=True, hang_health=True)
-            try:
-                async with s.get(fake.url + "/health",
-                                 timeout=aiohttp.ClientTimeout(total=0.3)) as r:
-                    raise AssertionError(f"answered {r.status}")
-            except TimeoutError:
-                pass
+            await assert_silent(s, fake.url + "/health", 0.3)
             fake.control(hang_health=False)
             async with s.get(fake.url + "/health") as r:
                 assert r.status == 200
